@@ -1,0 +1,53 @@
+"""Settings of one ``imago serve`` process. Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imago.workers.presets import ModelSpec, preset
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds the frontend enforces on every request, before queueing."""
+
+    # Largest gRPC message either way; a 24-megapixel PNG is ~40 MiB.
+    max_message_bytes: int = 64 * MiB
+    # Largest decoded input image, in pixels (width x height).
+    max_input_pixels: int = 40_000_000
+    # Longest side of an input image, in pixels.
+    max_input_side: int = 12_000
+    max_new_tokens: int = 256
+    max_beams: int = 16
+    max_return_sequences: int = 16
+    max_prompt_chars: int = 4_000
+    max_image_side: int = 2048
+    max_steps: int = 150
+    max_images_per_request: int = 8
+    # Requests waiting per model before new ones are turned away.
+    max_queue_size: int = 256
+    # Items of one bulk stream in flight at once; past it the stream is not read.
+    max_stream_inflight: int = 64
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``imago serve`` needs to start."""
+
+    preset: str = "tiny"
+    host: str = "0.0.0.0"
+    port: int = 50051
+    # CPU worker processes when no CUDA device is present (one per device otherwise).
+    workers: int = 1
+    # Force CPU workers even when CUDA devices are visible.
+    cpu_only: bool = False
+    cache_dir: Path | None = None
+    # Seconds a worker may take to load its models before start-up fails.
+    load_timeout_s: float = 600.0
+    limits: Limits = field(default_factory=Limits)
+
+    def models(self) -> tuple[ModelSpec, ...]:
+        return preset(self.preset)

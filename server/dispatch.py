@@ -1,0 +1,153 @@
+"""The path every request takes between a servicer and a worker.
+
+A servicer validates its request into a job, then asks the
+:class:`Dispatcher` for a ticket and waits on the ticket's events. Leaving
+early (the client cancelled or went away) takes the ticket out of the queue,
+or stops it on its worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from imago.server.config import Limits
+from imago.server.errors import RequestError, from_code_name
+from imago.server.pool import WorkerPool
+from imago.server.scheduler import TERMINAL, Scheduler, Ticket
+from imago.v1 import common_pb2
+from imago.workers.presets import ModelSpec, model_for_service
+from imago.workers.protocol import Failed, Job, ModelInfo, TextResult, WorkItem
+
+
+class Dispatcher:
+    """Finds the model for a service, queues tickets and follows them to the end."""
+
+    def __init__(
+        self,
+        models: tuple[ModelSpec, ...],
+        scheduler: Scheduler,
+        pool: WorkerPool,
+        limits: Limits,
+    ) -> None:
+        self.models = models
+        self.scheduler = scheduler
+        self.pool = pool
+        self.limits = limits
+
+    def model(self, service: str) -> ModelInfo:
+        """The loaded model answering ``service``, or a status explaining why none."""
+        spec = model_for_service(self.models, service)
+        if spec is None:
+            raise RequestError(
+                grpc.StatusCode.UNIMPLEMENTED, f"no model for {service} is configured here"
+            )
+        info = self.pool.model_info(spec.name)
+        if info is None:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"model {spec.name} has no live worker yet",
+                retry_after_s=1.0,
+            )
+        return info
+
+    def ticket(self, model: str, job: Job, images: list[bytes]) -> Ticket:
+        request_id = uuid.uuid4().hex
+        item = WorkItem(request_id=request_id, job=job, frames=len(images))
+        return Ticket(request_id=request_id, model=model, item=item, frames=images)
+
+    async def events(self, ticket: Ticket) -> AsyncIterator[tuple[object, list[bytes]]]:
+        """Queue ``ticket`` and yield its events up to and including the last one.
+
+        Raises RequestError when the queue is full. Whoever stops iterating
+        early must ``aclose()`` the iterator so that the ticket is cancelled.
+        """
+        self.scheduler.submit(ticket)
+        try:
+            while True:
+                message, frames = await ticket.events.get()
+                yield message, frames
+                if isinstance(message, TERMINAL):
+                    return
+        finally:
+            if not ticket.finished:
+                self.scheduler.cancel(ticket)
+
+    async def text_result(self, ticket: Ticket) -> TextResult:
+        """Run a text job to its end; a failure raises RequestError."""
+        events = self.events(ticket)
+        try:
+            async for message, _ in events:
+                if isinstance(message, Failed):
+                    raise from_code_name(message.code, message.message)
+                if isinstance(message, TextResult):
+                    return message
+        finally:
+            await events.aclose()
+        raise RequestError(grpc.StatusCode.INTERNAL, "request ended without a result")
+
+    def info(self, ticket: Ticket, inference_seconds: float) -> common_pb2.ResponseInfo:
+        queued = (ticket.started_at or ticket.enqueued_at) - ticket.enqueued_at
+        return common_pb2.ResponseInfo(
+            request_id=ticket.request_id,
+            model=ticket.model,
+            queue_seconds=queued,
+            inference_seconds=inference_seconds,
+            worker=ticket.worker or "",
+        )
+
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+async def bulk(
+    items: AsyncIterator,
+    handle: Callable[[Request], Awaitable[Response]],
+    wrap: Callable[..., object],
+    window: int,
+) -> AsyncIterator:
+    """Serve a bidirectional bulk stream.
+
+    Each incoming item (with ``id`` and ``request``) is handled concurrently;
+    results go out as they finish, wrapped as ``wrap(id=..., response=...)`` or
+    ``wrap(id=..., error=ItemError)``. At most ``window`` items are in flight:
+    past that the stream is not read, so HTTP/2 flow control holds the client
+    back instead of the server buffering without bound.
+    """
+    done = asyncio.Queue()
+    slots = asyncio.Semaphore(window)
+    finished = object()
+
+    async def one(item) -> None:
+        try:
+            out = wrap(id=item.id, response=await handle(item.request))
+        except RequestError as error:
+            out = wrap(id=item.id, error=error.to_item_error())
+        finally:
+            slots.release()
+        done.put_nowait(out)
+
+    async def read() -> None:
+        tasks = set()
+        try:
+            async for item in items:
+                await slots.acquire()
+                tasks.add(asyncio.create_task(one(item)))
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            done.put_nowait(finished)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (out := await done.get()) is not finished:
+            yield out
+        await reader  # re-raise a broken input stream
+    finally:
+        reader.cancel()

@@ -1,0 +1,92 @@
+"""Checking client images before they are queued.
+
+The frontend decodes every input image once, off the event loop, to prove it
+is a whole PNG, JPEG or WebP within the size limits. The worker receives the
+original bytes, untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image
+
+from imago.server.config import Limits
+from imago.server.errors import RequestError, invalid
+from imago.v1 import common_pb2
+
+# PIL format name -> MIME type, for every format accepted in requests.
+ACCEPTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+# ImageFormat enum value -> PIL format name, for outputs and previews.
+OUTPUT_FORMATS = {
+    common_pb2.IMAGE_FORMAT_PNG: "PNG",
+    common_pb2.IMAGE_FORMAT_JPEG: "JPEG",
+    common_pb2.IMAGE_FORMAT_WEBP: "WEBP",
+}
+
+
+def output_format(value: int, field: str, default: str) -> str:
+    """PIL format name for an ImageFormat enum value; UNSPECIFIED -> ``default``."""
+    if value == common_pb2.IMAGE_FORMAT_UNSPECIFIED:
+        return default
+    if value not in OUTPUT_FORMATS:
+        names = ", ".join(common_pb2.ImageFormat.Name(v) for v in OUTPUT_FORMATS)
+        raise invalid(field, f"unknown image format {value}; use one of {names}")
+    return OUTPUT_FORMATS[value]
+
+
+def check_image(image: common_pb2.Image, field: str, limits: Limits) -> bytes:
+    """Return the image's bytes once they are proven decodable and within limits.
+
+    Blocking (it decodes the pixels): call it through ``asyncio.to_thread``.
+    Raises RequestError(INVALID_ARGUMENT) naming ``field`` or ``field.data``.
+    """
+    data = image.data
+    if not data:
+        raise invalid(f"{field}.data", "an image is required")
+    try:
+        with warnings.catch_warnings():
+            # Size is checked below from the header, before any pixel is decoded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+    except Exception as exc:  # PIL raises many types for garbage
+        raise invalid(f"{field}.data", f"not a decodable image ({_reason(exc)})") from None
+    with opened:
+        fmt = opened.format or ""
+        if fmt not in ACCEPTED_FORMATS:
+            accepted = "send PNG, JPEG or WebP"
+            raise invalid(f"{field}.data", f"format {fmt or 'unknown'} not accepted; {accepted}")
+        if image.mime_type and image.mime_type.lower() != ACCEPTED_FORMATS[fmt]:
+            raise invalid(
+                f"{field}.mime_type",
+                f"says {image.mime_type!r} but the bytes are {ACCEPTED_FORMATS[fmt]}",
+            )
+        width, height = opened.size
+        if width < 1 or height < 1:
+            raise invalid(f"{field}.data", "image has no pixels")
+        if max(width, height) > limits.max_input_side:
+            raise invalid(
+                f"{field}.data",
+                f"image is {width}x{height}; the longest side may be {limits.max_input_side}",
+            )
+        if width * height > limits.max_input_pixels:
+            raise invalid(
+                f"{field}.data",
+                f"image has {width * height} pixels; at most {limits.max_input_pixels} allowed",
+            )
+        try:
+            opened.load()
+        except Exception as exc:
+            reason = _reason(exc)
+            raise invalid(f"{field}.data", f"image is truncated or corrupt ({reason})") from None
+    return data
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+__all__ = ["ACCEPTED_FORMATS", "OUTPUT_FORMATS", "RequestError", "check_image", "output_format"]

@@ -1,0 +1,166 @@
+"""The gRPC services: validate, dispatch, translate results to protobuf."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from imago.server.dispatch import Dispatcher, bulk
+from imago.server.errors import RequestError, abort, from_code_name
+from imago.server.images import check_image
+from imago.server.scheduler import QueuePosition
+from imago.server.validation import caption_job, text_to_image_job, vqa_job
+from imago.v1 import (
+    caption_pb2,
+    caption_pb2_grpc,
+    common_pb2,
+    imagegen_pb2,
+    imagegen_pb2_grpc,
+    vqa_pb2,
+    vqa_pb2_grpc,
+)
+from imago.workers import protocol
+
+CAPTION = "imago.v1.CaptionService"
+VQA = "imago.v1.VqaService"
+IMAGEGEN = "imago.v1.ImageGenService"
+SERVICES = (CAPTION, VQA, IMAGEGEN)
+
+
+def _texts(result: protocol.TextResult) -> list[caption_pb2.GeneratedText]:
+    return [caption_pb2.GeneratedText(text=t.text, score=t.score) for t in result.texts]
+
+
+class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._d = dispatcher
+
+    async def caption(self, request: caption_pb2.CaptionRequest) -> caption_pb2.CaptionResponse:
+        model = self._d.model(CAPTION)
+        job = caption_job(request, self._d.limits)
+        image = await asyncio.to_thread(check_image, request.image, "image", self._d.limits)
+        ticket = self._d.ticket(model.name, job, [image])
+        result = await self._d.text_result(ticket)
+        return caption_pb2.CaptionResponse(
+            captions=_texts(result),
+            info=self._d.info(ticket, result.inference_seconds),
+            seed=result.seed if job.settings.do_sample else None,
+        )
+
+    async def Caption(self, request, context):
+        try:
+            return await self.caption(request)
+        except RequestError as error:
+            await abort(context, error)
+
+    async def CaptionStream(self, request_iterator, context):
+        window = self._d.limits.max_stream_inflight
+        async for out in bulk(
+            request_iterator, self.caption, caption_pb2.CaptionStreamResponse, window
+        ):
+            yield out
+
+
+class VqaServicer(vqa_pb2_grpc.VqaServiceServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._d = dispatcher
+
+    async def ask(self, request: vqa_pb2.AskRequest) -> vqa_pb2.AskResponse:
+        model = self._d.model(VQA)
+        job = vqa_job(request, self._d.limits)
+        image = await asyncio.to_thread(check_image, request.image, "image", self._d.limits)
+        ticket = self._d.ticket(model.name, job, [image])
+        result = await self._d.text_result(ticket)
+        return vqa_pb2.AskResponse(
+            answers=_texts(result),
+            info=self._d.info(ticket, result.inference_seconds),
+            seed=result.seed if job.settings.do_sample else None,
+        )
+
+    async def Ask(self, request, context):
+        try:
+            return await self.ask(request)
+        except RequestError as error:
+            await abort(context, error)
+
+    async def AskStream(self, request_iterator, context):
+        window = self._d.limits.max_stream_inflight
+        async for out in bulk(request_iterator, self.ask, vqa_pb2.AskStreamResponse, window):
+            yield out
+
+
+class ImageGenServicer(imagegen_pb2_grpc.ImageGenServiceServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._d = dispatcher
+
+    async def Generate(self, request, context):
+        try:
+            model = self._d.model(IMAGEGEN)
+            job = text_to_image_job(request, model, self._d.limits)
+        except RequestError as error:
+            await abort(context, error)
+            return
+        ticket = self._d.ticket(model.name, job, [])
+        rid = ticket.request_id
+        events = self._d.events(ticket)
+        try:
+            async for message, frames in events:
+                if isinstance(message, protocol.Failed):
+                    raise from_code_name(message.code, message.message)
+                yield imagegen_pb2.GenerateResponse(
+                    request_id=rid, **self._event(message, frames, ticket)
+                )
+        except RequestError as error:
+            await abort(context, error)
+        finally:
+            await events.aclose()
+
+    def _event(self, message, frames: list[bytes], ticket) -> dict:
+        if isinstance(message, QueuePosition):
+            return {"queued": imagegen_pb2.Queued(position=message.position)}
+        if isinstance(message, protocol.Started):
+            return {
+                "started": imagegen_pb2.Started(
+                    worker=ticket.worker or "", total_steps=message.total_steps
+                )
+            }
+        if isinstance(message, protocol.Progress):
+            return {
+                "progress": imagegen_pb2.Progress(
+                    step=message.step,
+                    total_steps=message.total_steps,
+                    elapsed_seconds=message.elapsed_seconds,
+                )
+            }
+        if isinstance(message, protocol.Preview):
+            image = common_pb2.Image(
+                data=frames[0],
+                mime_type=message.mime_type,
+                width=message.width,
+                height=message.height,
+            )
+            return {
+                "preview": imagegen_pb2.Preview(
+                    step=message.step, image_index=message.image_index, image=image
+                )
+            }
+        if isinstance(message, protocol.ImageResult):
+            images = [
+                imagegen_pb2.GeneratedImage(
+                    image=common_pb2.Image(
+                        data=data, mime_type=meta.mime_type, width=meta.width, height=meta.height
+                    ),
+                    seed=meta.seed,
+                    nsfw_detected=meta.nsfw_detected,
+                    replaced=meta.replaced,
+                )
+                for meta, data in zip(message.images, frames, strict=True)
+            ]
+            result = imagegen_pb2.Result(
+                images=images,
+                info=self._d.info(ticket, message.inference_seconds),
+                warnings=message.warnings,
+            )
+            return {"result": result}
+        raise RequestError(grpc.StatusCode.INTERNAL, f"unexpected event {type(message).__name__}")

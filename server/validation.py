@@ -1,0 +1,178 @@
+"""Turning protobuf requests into worker jobs, checking every field.
+
+Each function either returns a fully resolved job (defaults applied, seeds
+drawn) or raises RequestError(INVALID_ARGUMENT) naming the offending field.
+Images are checked separately (:mod:`imago.server.images`) because that
+blocks and runs off the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import grpc
+
+from imago.server.config import Limits
+from imago.server.errors import RequestError, invalid
+from imago.server.images import output_format
+from imago.v1 import caption_pb2, common_pb2, imagegen_pb2, vqa_pb2
+from imago.workers.protocol import CaptionJob, ModelInfo, TextSettings, TextToImageJob, VqaJob
+
+MAX_SEED = 2**64 - 1
+
+# Defaults for unset generation settings (transformers' own, except
+# max_new_tokens: its default of 20 total tokens is too short for captions).
+TEXT_DEFAULTS = {
+    "max_new_tokens": 30,
+    "min_new_tokens": 0,
+    "num_beams": 1,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 50,
+    "repetition_penalty": 1.0,
+    "num_return_sequences": 1,
+    "length_penalty": 1.0,
+}
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
+MAX_GUIDANCE = 30.0
+DEFAULT_PREVIEW_SIZE = 512
+
+
+def random_seed() -> int:
+    """A fresh seed in [0, 2**32), small enough to read back and type in."""
+    return secrets.randbits(32)
+
+
+def _get(message, name: str):
+    return getattr(message, name) if message.HasField(name) else TEXT_DEFAULTS[name]
+
+
+def _in_range(field: str, value: float, low: float, high: float, *, low_open: bool = False):
+    if not math.isfinite(value):
+        raise invalid(field, f"must be a finite number, got {value}")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bracket = "(" if low_open else "["
+        raise invalid(field, f"must be in {bracket}{low:g}, {high:g}], got {value:g}")
+
+
+def text_settings(gen: common_pb2.GenerationSettings, limits: Limits) -> TextSettings:
+    """Resolve ``generation`` (field name prefix) against defaults and limits."""
+    f = "generation."
+    max_new = _get(gen, "max_new_tokens")
+    _in_range(f + "max_new_tokens", max_new, 1, limits.max_new_tokens)
+    min_new = _get(gen, "min_new_tokens")
+    _in_range(f + "min_new_tokens", min_new, 0, max_new)
+    beams = _get(gen, "num_beams")
+    _in_range(f + "num_beams", beams, 1, limits.max_beams)
+    do_sample = _get(gen, "do_sample")
+    temperature = _get(gen, "temperature")
+    _in_range(f + "temperature", temperature, 0.0, 10.0, low_open=True)
+    top_p = _get(gen, "top_p")
+    _in_range(f + "top_p", top_p, 0.0, 1.0, low_open=True)
+    top_k = _get(gen, "top_k")
+    _in_range(f + "top_k", top_k, 0, 1000)
+    repetition = _get(gen, "repetition_penalty")
+    _in_range(f + "repetition_penalty", repetition, 0.0, 10.0, low_open=True)
+    length_penalty = _get(gen, "length_penalty")
+    _in_range(f + "length_penalty", length_penalty, -10.0, 10.0)
+    sequences = _get(gen, "num_return_sequences")
+    _in_range(f + "num_return_sequences", sequences, 1, limits.max_return_sequences)
+    if not do_sample and sequences > beams:
+        # Deterministic decoding can only return as many distinct sequences as it keeps beams.
+        raise invalid(
+            f + "num_return_sequences",
+            f"{sequences} sequences need num_beams >= {sequences} or do_sample "
+            f"(num_beams is {beams})",
+        )
+    seed = gen.seed if gen.HasField("seed") else random_seed()
+    return TextSettings(
+        max_new_tokens=max_new,
+        min_new_tokens=min_new,
+        num_beams=beams,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition,
+        num_return_sequences=sequences,
+        length_penalty=length_penalty,
+        seed=seed,
+    )
+
+
+def _text(field: str, value: str, limits: Limits, *, required: bool) -> str:
+    if required and not value.strip():
+        raise invalid(field, "must not be empty")
+    if len(value) > limits.max_prompt_chars:
+        raise invalid(field, f"is {len(value)} characters; at most {limits.max_prompt_chars}")
+    return value
+
+
+def caption_job(request: caption_pb2.CaptionRequest, limits: Limits) -> CaptionJob:
+    prefix = _text("prefix", request.prefix, limits, required=False)
+    return CaptionJob(prefix=prefix.strip(), settings=text_settings(request.generation, limits))
+
+
+def vqa_job(request: vqa_pb2.AskRequest, limits: Limits) -> VqaJob:
+    question = _text("question", request.question, limits, required=True)
+    return VqaJob(question=question.strip(), settings=text_settings(request.generation, limits))
+
+
+def _size(field: str, value: int, default: int, limits: Limits) -> int:
+    if value == 0:
+        return default
+    if value % 8:
+        raise invalid(field, f"must be a multiple of 8, got {value}")
+    if value < 64 or value > limits.max_image_side:
+        raise invalid(field, f"must be in [64, {limits.max_image_side}], got {value}")
+    return value
+
+
+def text_to_image_job(
+    request: imagegen_pb2.GenerateRequest, model: ModelInfo, limits: Limits
+) -> TextToImageJob:
+    """Resolve a GenerateRequest whose task is text_to_image."""
+    task = request.WhichOneof("task")
+    if task is None:
+        raise invalid("task", "set exactly one of text_to_image, image_to_image, inpaint")
+    if task != "text_to_image":
+        raise RequestError(
+            grpc.StatusCode.UNIMPLEMENTED, f"{task} is not supported by this server yet", task
+        )
+    prompt = _text("prompt", request.prompt, limits, required=True)
+    negative = _text("negative_prompt", request.negative_prompt, limits, required=False)
+    width = _size("width", request.width, model.default_size, limits)
+    height = _size("height", request.height, model.default_size, limits)
+    steps = request.steps or DEFAULT_STEPS
+    _in_range("steps", steps, 1, limits.max_steps)
+    guidance = request.guidance_scale if request.HasField("guidance_scale") else DEFAULT_GUIDANCE
+    _in_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
+    num_images = request.num_images or 1
+    _in_range("num_images", num_images, 1, limits.max_images_per_request)
+    seed = request.seed if request.HasField("seed") else random_seed()
+    if seed + num_images - 1 > MAX_SEED:
+        raise invalid("seed", f"seed + num_images - 1 must fit in 64 bits, got seed {seed}")
+    fmt = output_format(request.output_format, "output_format", default="PNG")
+    previews = request.previews
+    _in_range("previews.every_n_steps", previews.every_n_steps, 0, steps)
+    preview_fmt = output_format(previews.format, "previews.format", default="JPEG")
+    preview_size = previews.max_size or DEFAULT_PREVIEW_SIZE
+    _in_range("previews.max_size", preview_size, 8, limits.max_image_side)
+    return TextToImageJob(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        num_images=num_images,
+        output_format=fmt,
+        preview_every=previews.every_n_steps,
+        preview_format=preview_fmt,
+        preview_max_size=preview_size,
+    )

@@ -1,0 +1,117 @@
+"""Shared fixtures: a real ``imago serve`` subprocess on a free port."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+START_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    target: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def wait_serving(target: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"server not SERVING after {START_TIMEOUT_S}s:\n{log_path.read_text()}")
+
+
+def start_server(
+    cache_dir: Path, log_dir: Path, *extra: str, wait: bool = True, env: dict | None = None
+) -> RunningServer:
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    command = [
+        sys.executable, "-m", "imago.client.cli", "serve", "--host", "127.0.0.1",
+        "--port", str(port), "--cache-dir", str(cache_dir), *extra,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    server = RunningServer(process, f"127.0.0.1:{port}", log_path)
+    if wait:
+        try:
+            wait_serving(server.target, process, log_path)
+        except Exception:
+            server.stop(signal.SIGKILL)
+            raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """One cache of tiny checkpoints for the whole test session."""
+    return tmp_path_factory.mktemp("imago-cache")
+
+
+@pytest.fixture(scope="session")
+def server(model_cache, tmp_path_factory):
+    """A tiny-preset server with one CPU worker, shared by the behaviour tests."""
+    running = start_server(model_cache, tmp_path_factory.mktemp("logs"), "--workers", "1")
+    yield running
+    code = running.stop()
+    assert code == 0, running.log()
+
+
+@pytest.fixture(scope="session")
+def channel(server):
+    with grpc.insecure_channel(server.target) as chan:
+        yield chan
+
+
+def png_bytes(size: tuple[int, int] = (48, 40), color=(200, 30, 60), fmt: str = "PNG") -> bytes:
+    """A small solid-colour image with a stripe, encoded as ``fmt``."""
+    image = Image.new("RGB", size, color)
+    for x in range(size[0]):
+        image.putpixel((x, size[1] // 2), (10, 220, 10))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()

@@ -1,0 +1,232 @@
+"""The worker process: load models once, then run batches as they come.
+
+This module is imported by the frontend only to name :func:`run_worker` as a
+process target, so it must not import torch at module level. The worker is
+single-threaded: between denoising steps or generation chunks the runner asks
+:meth:`WorkerChannel.is_cancelled`, which drains control messages from the
+socket without blocking.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+
+import zmq
+
+from imago.workers.presets import ModelSpec
+from imago.workers.protocol import (
+    BatchDone,
+    Cancel,
+    Failed,
+    GeneratedText,
+    ImageMeta,
+    ImageResult,
+    LoadFailed,
+    Preview,
+    Progress,
+    Ready,
+    RunBatch,
+    Shutdown,
+    Started,
+    TextResult,
+    encode,
+    to_worker_decoder,
+)
+
+log = logging.getLogger("imago.worker")
+
+#: Runner class for each model family, as "module:Class".
+FAMILIES = {
+    "blip2": "imago.workers.blip2:Blip2Runner",
+    "stable-diffusion": "imago.workers.diffusion:StableDiffusionRunner",
+}
+
+# How often an idle worker checks that the frontend is still alive, in ms.
+PARENT_CHECK_MS = 1000
+
+
+class WorkerChannel:
+    """The worker's end of the socket, and the EventSink its runners report to."""
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        self._socket = socket
+        self.pending: deque[tuple[object, list[bytes]]] = deque()
+        self.cancelled: set[str] = set()
+        self.finished: set[str] = set()
+        self.shutting_down = False
+
+    def send(self, message, frames: list[bytes] = ()) -> None:
+        self._socket.send_multipart([encode(message), *frames], copy=False)
+
+    def receive(self, timeout_ms: int) -> tuple[object, list[bytes]] | None:
+        """Next message to act on, or None after ``timeout_ms``."""
+        if self.pending:
+            return self.pending.popleft()
+        if not self._socket.poll(timeout_ms):
+            return None
+        header, *frames = self._socket.recv_multipart()
+        return to_worker_decoder.decode(header), frames
+
+    def _drain_control(self) -> None:
+        while self._socket.poll(0):
+            header, *frames = self._socket.recv_multipart()
+            message = to_worker_decoder.decode(header)
+            if isinstance(message, Cancel):
+                self.cancelled.update(message.request_ids)
+            elif isinstance(message, Shutdown):
+                self.shutting_down = True
+            else:
+                self.pending.append((message, frames))
+
+    # ------------------------------------------------------------ EventSink
+
+    def is_cancelled(self, request_id: str) -> bool:
+        self._drain_control()
+        return self.shutting_down or request_id in self.cancelled
+
+    def started(self, request_id: str, total_steps: int = 0) -> None:
+        self.send(Started(request_id, total_steps))
+
+    def progress(self, request_id: str, step: int, total_steps: int, elapsed: float) -> None:
+        self.send(Progress(request_id, step, total_steps, elapsed))
+
+    def preview(self, request_id, step, image_index, data, mime_type, width, height) -> None:
+        self.send(Preview(request_id, step, image_index, mime_type, width, height), [data])
+
+    def text_result(
+        self, request_id: str, texts: list[GeneratedText], seed: int, inference_seconds: float
+    ) -> None:
+        self.finished.add(request_id)
+        self.send(TextResult(request_id, texts, seed, inference_seconds))
+
+    def image_result(
+        self,
+        request_id: str,
+        images: list[tuple[ImageMeta, bytes]],
+        warnings: list[str],
+        inference_seconds: float,
+    ) -> None:
+        self.finished.add(request_id)
+        metas = [meta for meta, _ in images]
+        self.send(
+            ImageResult(request_id, metas, warnings, inference_seconds), [d for _, d in images]
+        )
+
+    def failed(self, request_id: str, code: str, message: str) -> None:
+        self.finished.add(request_id)
+        self.send(Failed(request_id, code, message))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the frontend dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _load_runners(specs: list[ModelSpec], device: str, cache_dir: str | None) -> dict:
+    from imago.workers import tiny
+
+    runners = {}
+    for spec in specs:
+        module_name, class_name = FAMILIES[spec.family].split(":")
+        runner_class = getattr(importlib.import_module(module_name), class_name)
+        root = Path(cache_dir) if cache_dir else None
+        try:
+            source = tiny.resolve(spec.source, root)
+            runners[spec.name] = runner_class.load(spec.name, source, device)
+        except Exception as exc:
+            raise RuntimeError(f"model {spec.name!r} could not be loaded: {exc}") from exc
+    return runners
+
+
+def _run_batch(runners: dict, batch: RunBatch, frames: list[bytes], channel: WorkerChannel):
+    from imago.workers.runner import Cancelled, Request
+
+    requests, offset = [], 0
+    for item in batch.items:
+        requests.append(Request(item.request_id, item.job, frames[offset : offset + item.frames]))
+        offset += item.frames
+    channel.finished.clear()
+    try:
+        runners[batch.model].run(requests, channel)
+        code, message = "INTERNAL", "the model returned no result"
+    except Cancelled:
+        code, message = "CANCELLED", "cancelled"
+    except MemoryError as exc:
+        code, message = "RESOURCE_EXHAUSTED", f"out of memory: {exc}"
+    except Exception as exc:
+        # torch.cuda.OutOfMemoryError is not a MemoryError; recognise it by name
+        # so this module stays free of torch.
+        if type(exc).__name__ == "OutOfMemoryError":
+            code, message = "RESOURCE_EXHAUSTED", f"out of device memory: {exc}"
+        else:
+            log.error("batch %d failed:\n%s", batch.batch_id, traceback.format_exc())
+            code, message = "INTERNAL", f"{type(exc).__name__}: {exc}"
+    for request in requests:
+        if request.request_id not in channel.finished:
+            channel.failed(request.request_id, code, message)
+    channel.cancelled.difference_update(r.request_id for r in requests)
+    channel.send(BatchDone(batch.batch_id))
+
+
+def run_worker(
+    worker_id: str,
+    device: str,
+    endpoint: str,
+    specs: list[ModelSpec],
+    cache_dir: str | None,
+    parent_pid: int,
+    log_level: int = logging.INFO,
+) -> None:
+    """Entry point of a worker process (spawned by the frontend)."""
+    _die_with_parent()
+    # Ctrl-C reaches the whole process group; the frontend decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=f"%(asctime)s {worker_id} %(message)s")
+    if device.startswith("cuda:"):
+        # Pin before torch is imported, so this process sees exactly one GPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        device = "cuda"
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, worker_id.encode())
+    socket.setsockopt(zmq.LINGER, 1000)
+    socket.connect(endpoint)
+    channel = WorkerChannel(socket)
+    try:
+        started = time.monotonic()
+        try:
+            runners = _load_runners(specs, device, cache_dir)
+        except Exception as exc:
+            log.error("loading failed:\n%s", traceback.format_exc())
+            channel.send(LoadFailed(worker_id, str(exc)))
+            return
+        log.info("loaded %s in %.1fs", ", ".join(runners), time.monotonic() - started)
+        infos = [runner.info() for runner in runners.values()]
+        channel.send(Ready(worker_id, device, os.getpid(), infos))
+        while not channel.shutting_down:
+            received = channel.receive(PARENT_CHECK_MS)
+            if received is None:
+                if os.getppid() != parent_pid:
+                    break
+                continue
+            message, frames = received
+            if isinstance(message, RunBatch):
+                _run_batch(runners, message, frames, channel)
+            elif isinstance(message, Shutdown):
+                break
+            # A Cancel for a batch that already finished needs nothing.
+    finally:
+        socket.close()
+        context.term()

@@ -1,0 +1,204 @@
+"""Messages between the frontend and worker processes.
+
+Every message is a msgspec struct encoded with msgpack: the first frame of a
+ZeroMQ multipart message. Image bytes ride along as the following frames,
+exactly as the client sent them (no re-encoding, no pickle). This module must
+stay free of torch so that the frontend can import it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+# ---------------------------------------------------------------- job specs
+
+
+class TextSettings(msgspec.Struct, frozen=True):
+    """Resolved text generation settings (defaults already applied)."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    num_beams: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    num_return_sequences: int
+    length_penalty: float
+    seed: int
+
+
+class CaptionJob(msgspec.Struct, tag="caption", frozen=True):
+    """Caption one image (frame 0), optionally continuing ``prefix``."""
+
+    prefix: str
+    settings: TextSettings
+
+
+class VqaJob(msgspec.Struct, tag="vqa", frozen=True):
+    """Answer ``question`` about one image (frame 0)."""
+
+    question: str
+    settings: TextSettings
+
+
+class TextToImageJob(msgspec.Struct, tag="text_to_image", frozen=True):
+    """Generate ``num_images`` images; image i uses seed ``seed + i``.
+
+    Sizes are in pixels; ``guidance_scale`` <= 1 disables classifier-free
+    guidance. Output and preview formats are PIL format names (PNG, JPEG, WEBP).
+    """
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    output_format: str
+    preview_every: int
+    preview_format: str
+    preview_max_size: int
+
+
+Job = CaptionJob | VqaJob | TextToImageJob
+
+
+class WorkItem(msgspec.Struct, frozen=True):
+    """One request inside a batch. ``frames`` counts its image frames."""
+
+    request_id: str
+    job: Job
+    frames: int = 0
+
+
+# ---------------------------------------------------- frontend -> worker
+
+
+class RunBatch(msgspec.Struct, tag="run_batch", frozen=True):
+    """Run ``items`` together on ``model``. Frames follow in item order."""
+
+    batch_id: int
+    model: str
+    items: list[WorkItem]
+
+
+class Cancel(msgspec.Struct, tag="cancel", frozen=True):
+    """Stop these requests at the next step boundary."""
+
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
+    pass
+
+
+ToWorker = RunBatch | Cancel | Shutdown
+
+# ---------------------------------------------------- worker -> frontend
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    """What the frontend needs to know about a loaded model to validate input."""
+
+    name: str
+    family: str
+    source: str
+    # Native output size in pixels for image models, 0 otherwise.
+    default_size: int = 0
+    # Longest prompt in tokens the text encoder takes, 0 when unknown.
+    max_prompt_tokens: int = 0
+
+
+class Ready(msgspec.Struct, tag="ready", frozen=True):
+    worker_id: str
+    device: str
+    pid: int
+    models: list[ModelInfo]
+
+
+class LoadFailed(msgspec.Struct, tag="load_failed", frozen=True):
+    worker_id: str
+    message: str
+
+
+class Started(msgspec.Struct, tag="started", frozen=True):
+    request_id: str
+    total_steps: int = 0
+
+
+class Progress(msgspec.Struct, tag="progress", frozen=True):
+    request_id: str
+    step: int
+    total_steps: int
+    elapsed_seconds: float
+
+
+class Preview(msgspec.Struct, tag="preview", frozen=True):
+    """A preview image; one frame follows."""
+
+    request_id: str
+    step: int
+    image_index: int
+    mime_type: str
+    width: int
+    height: int
+
+
+class GeneratedText(msgspec.Struct, frozen=True):
+    text: str
+    score: float | None = None
+
+
+class TextResult(msgspec.Struct, tag="text_result", frozen=True):
+    request_id: str
+    texts: list[GeneratedText]
+    seed: int
+    inference_seconds: float
+
+
+class ImageMeta(msgspec.Struct, frozen=True):
+    seed: int
+    mime_type: str
+    width: int
+    height: int
+    nsfw_detected: bool = False
+    replaced: bool = False
+
+
+class ImageResult(msgspec.Struct, tag="image_result", frozen=True):
+    """Finished images; one frame per entry of ``images`` follows."""
+
+    request_id: str
+    images: list[ImageMeta]
+    warnings: list[str]
+    inference_seconds: float
+
+
+class Failed(msgspec.Struct, tag="failed", frozen=True):
+    """A request ended without a result. ``code`` is a grpc.StatusCode name."""
+
+    request_id: str
+    code: str
+    message: str
+
+
+class BatchDone(msgspec.Struct, tag="batch_done", frozen=True):
+    """The worker finished ``batch_id`` and is free for the next one."""
+
+    batch_id: int
+
+
+FromWorker = Ready | LoadFailed | Started | Progress | Preview | TextResult | ImageResult
+FromWorker = FromWorker | Failed | BatchDone
+
+_encoder = msgspec.msgpack.Encoder()
+to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
+from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)

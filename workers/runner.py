@@ -1,0 +1,95 @@
+"""The contract between a worker process and a model family.
+
+A runner is loaded once per worker and then runs batches. It decodes its
+inputs, predicts, and encodes its outputs through an :class:`EventSink`; it
+never touches sockets. Adding a model family means adding one runner module
+and naming it in :data:`imago.workers.presets.FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from imago.workers.protocol import GeneratedText, ImageMeta, Job, ModelInfo
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of a batch, with its image bytes as the client sent them."""
+
+    request_id: str
+    job: Job
+    images: list[bytes] = field(default_factory=list)
+
+
+class Cancelled(Exception):
+    """Raised inside a runner when every request of its batch was cancelled."""
+
+
+class EventSink(Protocol):
+    """Where a runner reports what happens to each request of its batch."""
+
+    def started(self, request_id: str, total_steps: int = 0) -> None: ...
+
+    def progress(
+        self, request_id: str, step: int, total_steps: int, elapsed_seconds: float
+    ) -> None: ...
+
+    def preview(
+        self,
+        request_id: str,
+        step: int,
+        image_index: int,
+        data: bytes,
+        mime_type: str,
+        width: int,
+        height: int,
+    ) -> None: ...
+
+    def text_result(
+        self,
+        request_id: str,
+        texts: list[GeneratedText],
+        seed: int,
+        inference_seconds: float,
+    ) -> None: ...
+
+    def image_result(
+        self,
+        request_id: str,
+        images: list[tuple[ImageMeta, bytes]],
+        warnings: list[str],
+        inference_seconds: float,
+    ) -> None: ...
+
+    def failed(self, request_id: str, code: str, message: str) -> None:
+        """End a request with a gRPC status (``code`` is a StatusCode name)."""
+
+    def is_cancelled(self, request_id: str) -> bool:
+        """True once the frontend asked to stop this request. Cheap to call
+        between steps: it also drains pending control messages."""
+
+
+class Runner(abc.ABC):
+    """A loaded model that runs batches of requests of its family."""
+
+    #: Family name used in presets, e.g. "blip2" or "stable-diffusion".
+    family: str
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, name: str, source: str, device: str) -> Runner:
+        """Load the model named ``name`` from ``source`` (a local directory or
+        a hub id) onto ``device`` ("cpu", "cuda")."""
+
+    @abc.abstractmethod
+    def info(self) -> ModelInfo:
+        """Facts the frontend validates requests against."""
+
+    @abc.abstractmethod
+    def run(self, batch: list[Request], sink: EventSink) -> None:
+        """Run every request of ``batch`` and report each one's outcome on
+        ``sink``: exactly one of ``text_result``, ``image_result`` or
+        ``failed`` per request. Requests in a batch share a job type."""

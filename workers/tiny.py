@@ -1,0 +1,61 @@
+"""Small random-weight checkpoints for machines without downloads.
+
+Each builder writes a complete, seeded checkpoint to a directory that is then
+loaded through the same ``from_pretrained`` path as a real one. Checkpoints
+are cached under ``$IMAGO_CACHE`` (default ``~/.cache/imago``) and built once;
+a file lock keeps concurrent workers from building the same one twice.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock
+
+# Bump when a builder changes, so stale caches are rebuilt rather than reused.
+TINY_VERSION = "1"
+
+
+def _builders() -> dict[str, Callable[[Path], None]]:
+    from imago.workers import tiny_blip2, tiny_sd
+
+    return {
+        "blip2": tiny_blip2.build,
+        "blip2-legacy": tiny_blip2.build_legacy,
+        "stable-diffusion": tiny_sd.build,
+    }
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IMAGO_CACHE", Path.home() / ".cache" / "imago"))
+
+
+def ensure(kind: str, root: Path | None = None) -> Path:
+    """Directory of the tiny checkpoint ``kind``, building it on first use."""
+    builders = _builders()
+    if kind not in builders:
+        raise ValueError(f"unknown tiny model {kind!r}; known: {', '.join(sorted(builders))}")
+    root = root or cache_dir()
+    target = root / f"tiny-{kind}-v{TINY_VERSION}"
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / ".complete").exists():
+            return target
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        builders[kind](staging)
+        (staging / ".complete").touch()
+        staging.rename(target)
+    return target
+
+
+def resolve(source: str, root: Path | None = None) -> str:
+    """Turn a ``tiny:<kind>`` source into its local directory; other sources
+    (directories, hub ids) pass through unchanged."""
+    if source.startswith("tiny:"):
+        return str(ensure(source.removeprefix("tiny:"), root))
+    return source
