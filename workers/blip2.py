@@ -1,0 +1,264 @@
+"""BLIP-2 captioning and visual question answering.
+
+Requests of a batch that share their generation settings run as one left-padded
+``generate`` call. Sampled requests always run alone: a seed then gives the same
+text whatever else happened to be batched with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import Blip2ForConditionalGeneration, Blip2Processor, StoppingCriteria
+from transformers.generation.utils import GenerateOutput
+
+from imago.workers.protocol import CaptionJob, GeneratedText, ModelInfo, TextSettings, VqaJob
+from imago.workers.runner import EventSink, Request, Runner
+
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A request ready for generation."""
+
+    request_id: str
+    image: Image.Image
+    prompt: str
+    # Prepended to the decoded continuation (caption prefixes).
+    prefix: str
+    settings: TextSettings
+
+
+class _StopWhenCancelled(StoppingCriteria):
+    """Stops generation once every request of the call was cancelled."""
+
+    def __init__(self, sink: EventSink, request_ids: Sequence[str]) -> None:
+        self.sink = sink
+        self.request_ids = request_ids
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs
+    ) -> torch.BoolTensor:
+        # Ask about every request (no short circuit) so each one's control
+        # messages are drained.
+        cancelled = [self.sink.is_cancelled(rid) for rid in self.request_ids]
+        return torch.full(
+            (input_ids.shape[0],), all(cancelled), dtype=torch.bool, device=input_ids.device
+        )
+
+
+def vqa_prompt(question: str) -> str:
+    """The prompt BLIP-2 OPT models were trained to answer questions with."""
+    return f"Question: {question} Answer:"
+
+
+def normalise_legacy(processor: Blip2Processor, model: Blip2ForConditionalGeneration) -> None:
+    """Give checkpoints saved before image tokens existed what generation needs.
+
+    Without ``num_query_tokens`` the processor adds no image placeholders, and
+    without ``image_token_index`` the model cannot find them: ``generate`` then
+    raises (AttributeError with a text prompt, TypeError without one).
+    """
+    if processor.num_query_tokens is None:
+        processor.num_query_tokens = model.config.num_query_tokens
+    if model.config.image_token_index is None:
+        # The processor added <image> to the tokenizer when it was created.
+        image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_id >= model.get_input_embeddings().num_embeddings:
+            raise ValueError(f"{IMAGE_TOKEN} (id {image_id}) has no row in the embedding matrix")
+        model.config.image_token_index = image_id
+
+
+class Blip2Runner(Runner):
+    """Captions images and answers questions about them with a BLIP-2 model."""
+
+    family = "blip2"
+
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        processor: Blip2Processor,
+        model: Blip2ForConditionalGeneration,
+        device: str,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.processor = processor
+        self.model = model
+        self.device = device
+        # model.dtype reports the first parameter, the fp32 query tokens; the
+        # vision tower holds the dtype pixels must arrive in.
+        self.pixel_dtype = model.vision_model.dtype
+
+    @classmethod
+    def load(cls, name: str, source: str, device: str) -> Blip2Runner:
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        try:
+            processor = Blip2Processor.from_pretrained(source)
+            model = Blip2ForConditionalGeneration.from_pretrained(source, dtype=dtype)
+            normalise_legacy(processor, model)
+        except (OSError, ValueError) as exc:
+            raise OSError(f"cannot load BLIP-2 model {name!r} from {source!r}: {exc}") from exc
+        model.to(device).eval()
+        # Decoder-only OPT continues from the last position: right padding
+        # would put pads between the prompt and the answer.
+        processor.tokenizer.padding_side = "left"
+        # generate() delegates to the OPT model, whose generation config comes
+        # from text_config; generation_config.json (eos "\n" for the COCO
+        # checkpoints) would otherwise be ignored.
+        model.language_model.generation_config = copy.deepcopy(model.generation_config)
+        return cls(name, source, processor, model, device)
+
+    def info(self) -> ModelInfo:
+        text_positions = self.model.config.text_config.max_position_embeddings
+        return ModelInfo(
+            name=self.name,
+            family=self.family,
+            source=self.source,
+            max_prompt_tokens=text_positions - self.model.config.num_query_tokens,
+        )
+
+    def run(self, batch: list[Request], sink: EventSink) -> None:
+        groups: dict[object, list[_Item]] = {}
+        for request in batch:
+            item = self._prepare(request, sink)
+            if item is None:
+                continue
+            key = (item.settings, item.request_id) if item.settings.do_sample else item.settings
+            groups.setdefault(key, []).append(item)
+        for items in groups.values():
+            self._run_group(items, sink)
+
+    def _prepare(self, request: Request, sink: EventSink) -> _Item | None:
+        """Decode the image and build the prompt; fail the request if impossible."""
+        job = request.job
+        if isinstance(job, CaptionJob):
+            prompt, prefix = job.prefix, job.prefix
+        elif isinstance(job, VqaJob):
+            prompt, prefix = vqa_prompt(job.question), ""
+        else:
+            sink.failed(request.request_id, "INVALID_ARGUMENT", f"{self.family} cannot run {job!r}")
+            return None
+        if not request.images:
+            sink.failed(request.request_id, "INVALID_ARGUMENT", "an image is required")
+            return None
+        try:
+            with Image.open(io.BytesIO(request.images[0])) as image:
+                rgb = image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            sink.failed(request.request_id, "INVALID_ARGUMENT", f"cannot decode image: {exc}")
+            return None
+        # Image placeholders and prompt share the language model's positions.
+        used = self.model.config.num_query_tokens + len(self.processor.tokenizer(prompt).input_ids)
+        limit = self.model.config.text_config.max_position_embeddings
+        if used + job.settings.max_new_tokens > limit:
+            message = (
+                f"prompt and max_new_tokens need {used + job.settings.max_new_tokens} > {limit}"
+            )
+            sink.failed(request.request_id, "INVALID_ARGUMENT", message)
+            return None
+        return _Item(request.request_id, rgb, prompt, prefix, job.settings)
+
+    def _run_group(self, items: list[_Item], sink: EventSink) -> None:
+        """One generate call for requests that share settings."""
+        live = []
+        for item in items:
+            if sink.is_cancelled(item.request_id):
+                sink.failed(item.request_id, "CANCELLED", "cancelled by client")
+            else:
+                live.append(item)
+        if not live:
+            return
+        for item in live:
+            sink.started(item.request_id)
+        ids = [item.request_id for item in live]
+        settings = live[0].settings
+        start = time.perf_counter()
+        try:
+            texts = self._generate(live, settings, _StopWhenCancelled(sink, ids))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            for rid in ids:
+                sink.failed(rid, "RESOURCE_EXHAUSTED", "out of accelerator memory")
+            return
+        elapsed = time.perf_counter() - start
+        n = settings.num_return_sequences
+        for index, item in enumerate(live):
+            if sink.is_cancelled(item.request_id):
+                sink.failed(item.request_id, "CANCELLED", "cancelled by client")
+            else:
+                mine = texts[index * n : (index + 1) * n]
+                sink.text_result(item.request_id, mine, settings.seed, elapsed)
+
+    @torch.inference_mode()
+    def _generate(
+        self, items: list[_Item], settings: TextSettings, stop: StoppingCriteria
+    ) -> list[GeneratedText]:
+        """Texts for ``items`` in order, ``num_return_sequences`` per item."""
+        inputs = self.processor(
+            images=[item.image for item in items],
+            text=[item.prompt for item in items],
+            padding=True,
+            return_tensors="pt",
+        ).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.pixel_dtype)
+        if settings.do_sample:
+            torch.manual_seed(settings.seed)
+        output = self.model.generate(
+            **inputs,
+            **generate_kwargs(settings),
+            stopping_criteria=[stop],
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+        prompt_length = inputs["input_ids"].shape[1]
+        continuations = output.sequences[:, prompt_length:]
+        scores = self._scores(output, continuations, settings)
+        decoded = self.processor.tokenizer.batch_decode(continuations, skip_special_tokens=True)
+        n = settings.num_return_sequences
+        return [
+            GeneratedText((items[row // n].prefix + text).strip(), float(score))
+            for row, (text, score) in enumerate(zip(decoded, scores, strict=True))
+        ]
+
+    def _scores(
+        self, output: GenerateOutput, continuations: torch.Tensor, settings: TextSettings
+    ) -> torch.Tensor:
+        """Length-normalised beam scores, else the summed token log-probs."""
+        if settings.num_beams > 1:
+            return output.sequences_scores.float().cpu()
+        steps = self.model.compute_transition_scores(
+            output.sequences, output.scores, normalize_logits=True
+        )
+        # Tokens after a sequence's end of text are padding, not part of it.
+        eos = self.model.generation_config.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=steps.device)
+        is_eos = torch.isin(continuations, eos).int()
+        counted = (is_eos.cumsum(dim=1) - is_eos) == 0  # no end of text before this token
+        return torch.where(counted, steps.float(), 0.0).sum(dim=1).cpu()
+
+
+def generate_kwargs(settings: TextSettings) -> dict[str, object]:
+    """Arguments to ``generate`` for ``settings``; options that do not apply to
+    the decoding strategy are left out so transformers does not warn."""
+    kwargs: dict[str, object] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "min_new_tokens": settings.min_new_tokens,
+        "num_beams": settings.num_beams,
+        "do_sample": settings.do_sample,
+        "repetition_penalty": settings.repetition_penalty,
+        "num_return_sequences": settings.num_return_sequences,
+    }
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    if settings.num_beams > 1:
+        kwargs["length_penalty"] = settings.length_penalty
+    return kwargs
