@@ -1,0 +1,300 @@
+"""StableDiffusionRunner against the tiny checkpoint, in-process."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from imago.workers import tiny_sd
+from imago.workers.diffusion import StableDiffusionRunner
+from imago.workers.protocol import CaptionJob, ImageMeta, TextSettings, TextToImageJob
+from imago.workers.runner import Request
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-sd") / "checkpoint"
+    tiny_sd.build(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def runner(checkpoint: Path) -> StableDiffusionRunner:
+    return StableDiffusionRunner.load("sd-tiny", str(checkpoint), "cpu")
+
+
+@dataclass
+class RecordingSink:
+    """Records every event; reports a cancel once ``cancel_after`` steps ran."""
+
+    cancel_after: int | None = None
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def _record(self, kind: str, **values: Any) -> None:
+        self.events.append((kind, values))
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [values for name, values in self.events if name == kind]
+
+    def started(self, request_id: str, total_steps: int = 0) -> None:
+        self._record("started", request_id=request_id, total_steps=total_steps)
+
+    def progress(self, request_id, step, total_steps, elapsed_seconds) -> None:
+        self._record(
+            "progress", request_id=request_id, step=step, total=total_steps, elapsed=elapsed_seconds
+        )
+
+    def preview(self, request_id, step, image_index, data, mime_type, width, height) -> None:
+        self._record(
+            "preview",
+            request_id=request_id,
+            step=step,
+            image_index=image_index,
+            data=data,
+            mime_type=mime_type,
+            width=width,
+            height=height,
+        )
+
+    def text_result(self, request_id, texts, seed, inference_seconds) -> None:
+        self._record("text_result", request_id=request_id)
+
+    def image_result(self, request_id, images, warnings, inference_seconds) -> None:
+        self._record(
+            "image_result",
+            request_id=request_id,
+            images=images,
+            warnings=warnings,
+            seconds=inference_seconds,
+        )
+
+    def failed(self, request_id: str, code: str, message: str) -> None:
+        self._record("failed", request_id=request_id, code=code, message=message)
+
+    def is_cancelled(self, request_id: str) -> bool:
+        steps = [p["step"] for p in self.of("progress") if p["request_id"] == request_id]
+        return self.cancel_after is not None and max(steps, default=0) >= self.cancel_after
+
+
+def make_job(**changes: Any) -> TextToImageJob:
+    job = TextToImageJob(
+        prompt="a photo of a cat sitting on a red chair",
+        negative_prompt="",
+        width=64,
+        height=64,
+        steps=4,
+        guidance_scale=7.5,
+        seed=1234,
+        num_images=1,
+        output_format="PNG",
+        preview_every=0,
+        preview_format="PNG",
+        preview_max_size=512,
+    )
+    return msgspec.structs.replace(job, **changes)
+
+
+def generate(runner: StableDiffusionRunner, sink: RecordingSink | None = None, **changes: Any):
+    """Run one request; returns (sink, [(meta, bytes)...] or None)."""
+    sink = sink or RecordingSink()
+    runner.run([Request("r1", make_job(**changes))], sink)
+    results = sink.of("image_result")
+    return sink, (results[0]["images"] if results else None)
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def test_build_is_deterministic(checkpoint: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    tiny_sd.build(again)
+    files = sorted(p.relative_to(checkpoint) for p in checkpoint.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for name in files:
+        assert (checkpoint / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_info_reports_native_size_and_prompt_limit(runner: StableDiffusionRunner) -> None:
+    info = runner.info()
+    assert (info.name, info.family) == ("sd-tiny", "stable-diffusion")
+    assert info.default_size == 64
+    assert info.max_prompt_tokens == 77
+
+
+def test_unloadable_source_names_the_source(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=str(tmp_path)):
+        StableDiffusionRunner.load("broken", str(tmp_path), "cpu")
+
+
+def test_image_equals_direct_pipeline_call(runner: StableDiffusionRunner, checkpoint: Path) -> None:
+    settings = dict(width=64, height=48, steps=5, guidance_scale=6.0, seed=77, num_images=2)
+    # Previews on, to show that reading x0 leaves the result alone.
+    _, images = generate(runner, negative_prompt="blurry", preview_every=2, **settings)
+
+    pipe = StableDiffusionPipeline.from_pretrained(checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    direct = pipe(
+        prompt=make_job().prompt,
+        negative_prompt="blurry",
+        width=64,
+        height=48,
+        num_inference_steps=5,
+        guidance_scale=6.0,
+        num_images_per_prompt=2,
+        generator=[torch.Generator("cpu").manual_seed(77 + i) for i in range(2)],
+    ).images
+    for (_, data), expected in zip(images, direct, strict=True):
+        difference = np.abs(pixels(data) - np.asarray(expected, dtype=np.int16))
+        assert difference.max() <= 1
+
+
+def test_progress_is_reported_for_every_step(runner: StableDiffusionRunner) -> None:
+    sink, _ = generate(runner, steps=6)
+    assert sink.of("started") == [{"request_id": "r1", "total_steps": 6}]
+    progress = sink.of("progress")
+    assert [p["step"] for p in progress] == [1, 2, 3, 4, 5, 6]
+    assert all(p["total"] == 6 for p in progress)
+    elapsed = [p["elapsed"] for p in progress]
+    assert elapsed == sorted(elapsed) and elapsed[0] >= 0
+
+
+def test_previews_come_every_n_steps_for_image_zero(runner: StableDiffusionRunner) -> None:
+    sink, _ = generate(runner, steps=6, preview_every=2, num_images=2)
+    previews = sink.of("preview")
+    assert [p["step"] for p in previews] == [2, 4, 6]
+    assert {p["image_index"] for p in previews} == {0}
+
+
+def test_no_previews_when_preview_every_is_zero(runner: StableDiffusionRunner) -> None:
+    sink, _ = generate(runner, steps=3, preview_every=0)
+    assert sink.of("preview") == []
+
+
+def test_preview_is_capped_and_in_the_asked_format(runner: StableDiffusionRunner) -> None:
+    # A 128x96 output capped at 64 px on its longest side gives a 64x48 preview.
+    sink, _ = generate(
+        runner, width=128, height=96, steps=2, preview_every=1, preview_format="WEBP",
+        preview_max_size=64,
+    )  # fmt: skip
+    preview = sink.of("preview")[0]
+    image = Image.open(io.BytesIO(preview["data"]))
+    assert (preview["mime_type"], image.format) == ("image/webp", "WEBP")
+    assert (preview["width"], preview["height"]) == image.size == (64, 48)
+
+
+def test_preview_has_the_output_size_when_under_the_cap(runner: StableDiffusionRunner) -> None:
+    sink, _ = generate(runner, width=128, height=96, steps=1, preview_every=1)
+    preview = sink.of("preview")[0]
+    assert (preview["width"], preview["height"]) == (128, 96)
+    assert Image.open(io.BytesIO(preview["data"])).format == "PNG"
+
+
+def test_images_use_seed_plus_index_and_differ(runner: StableDiffusionRunner) -> None:
+    _, images = generate(runner, seed=500, num_images=3)
+    assert [meta.seed for meta, _ in images] == [500, 501, 502]
+    arrays = [pixels(data) for _, data in images]
+    assert not np.array_equal(arrays[0], arrays[1])
+    assert not np.array_equal(arrays[1], arrays[2])
+
+
+def test_image_i_equals_a_single_image_run_with_seed_plus_i(
+    runner: StableDiffusionRunner,
+) -> None:
+    _, pair = generate(runner, seed=900, num_images=2)
+    _, single = generate(runner, seed=901, num_images=1)
+    assert np.abs(pixels(pair[1][1]) - pixels(single[0][1])).max() <= 1
+
+
+def test_same_seed_twice_gives_identical_bytes(runner: StableDiffusionRunner) -> None:
+    _, first = generate(runner, seed=42)
+    _, second = generate(runner, seed=42)
+    assert first[0][1] == second[0][1]
+
+
+def test_result_metadata_describes_the_png(runner: StableDiffusionRunner) -> None:
+    sink, images = generate(runner, width=96, height=64)
+    meta, data = images[0]
+    assert meta == ImageMeta(seed=1234, mime_type="image/png", width=96, height=64)
+    image = Image.open(io.BytesIO(data))
+    assert (image.format, image.size) == ("PNG", (96, 64))
+    assert sink.of("image_result")[0]["warnings"] == []
+    assert sink.of("image_result")[0]["seconds"] > 0
+
+
+@pytest.mark.parametrize(("fmt", "mime"), [("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
+def test_lossy_output_formats(runner: StableDiffusionRunner, fmt: str, mime: str) -> None:
+    _, images = generate(runner, steps=2, output_format=fmt)
+    meta, data = images[0]
+    assert meta.mime_type == mime
+    assert Image.open(io.BytesIO(data)).format == fmt
+
+
+def test_cancelled_request_stops_early_without_decoding(
+    runner: StableDiffusionRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decodes = []
+    decode = runner.pipe.vae.decode
+    monkeypatch.setattr(
+        runner.pipe.vae, "decode", lambda *a, **k: decodes.append(1) or decode(*a, **k)
+    )
+    sink, images = generate(runner, RecordingSink(cancel_after=2), steps=10)
+    assert images is None
+    assert [f["code"] for f in sink.of("failed")] == ["CANCELLED"]
+    assert max(p["step"] for p in sink.of("progress")) == 2
+    assert decodes == []
+    generate(runner, steps=1)
+    assert decodes == [1]  # the spy does see decodes that happen
+
+
+def test_request_cancelled_before_it_starts_never_starts(runner: StableDiffusionRunner) -> None:
+    sink, _ = generate(runner, RecordingSink(cancel_after=0))
+    assert [name for name, _ in sink.events] == ["failed"]
+    assert sink.of("failed")[0]["code"] == "CANCELLED"
+
+
+def test_cancel_ends_one_request_and_the_next_still_runs(runner: StableDiffusionRunner) -> None:
+    sink = RecordingSink()
+    sink.is_cancelled = lambda request_id: request_id == "gone"  # type: ignore[method-assign]
+    runner.run([Request("gone", make_job()), Request("kept", make_job())], sink)
+    assert [f["request_id"] for f in sink.of("failed")] == ["gone"]
+    assert [r["request_id"] for r in sink.of("image_result")] == ["kept"]
+
+
+def test_long_prompt_warning_names_the_dropped_words(runner: StableDiffusionRunner) -> None:
+    # The start token, 75 one-token words and the end token fit; the rest does not.
+    prompt = " ".join(["cat"] * 75 + ["blue", "castle"])
+    sink, images = generate(runner, prompt=prompt, steps=1)
+    assert images is not None
+    (warning,) = sink.of("image_result")[0]["warnings"]
+    assert warning.startswith("prompt ") and "'blue castle'" in warning
+
+
+def test_long_negative_prompt_is_warned_about_too(runner: StableDiffusionRunner) -> None:
+    negative = " ".join(["blurry"] * 75 + ["watermark"])
+    sink, _ = generate(runner, negative_prompt=negative, steps=1)
+    (warning,) = sink.of("image_result")[0]["warnings"]
+    assert warning.startswith("negative_prompt ") and "'watermark'" in warning
+
+
+def test_other_job_types_are_refused(runner: StableDiffusionRunner) -> None:
+    settings = TextSettings(20, 0, 1, False, 1.0, 1.0, 0, 1.0, 1, 1.0, 0)
+    sink = RecordingSink()
+    runner.run([Request("r1", CaptionJob(prefix="", settings=settings))], sink)
+    assert [f["code"] for f in sink.of("failed")] == ["INVALID_ARGUMENT"]
+
+
+def test_the_shared_scheduler_is_left_untouched(runner: StableDiffusionRunner) -> None:
+    before = runner.pipe.scheduler
+    generate(runner, steps=2, preview_every=1)
+    assert runner.pipe.scheduler is before
+    assert "step" not in vars(before)
