@@ -1,0 +1,434 @@
+"""Python clients for an imago server: :class:`ImagoClient` (blocking) and
+:class:`AsyncImagoClient` (``grpc.aio``).
+
+Both speak the ``imago.v1`` API and the standard ``grpc.health.v1`` service::
+
+    with ImagoClient("localhost:50051") as client:
+        reply = client.caption("cat.jpg", num_beams=3)
+        print(reply.captions[0].text)
+
+        result = client.generate_result("a red fox in snow", seed=7)
+        open("fox.png", "wb").write(result.images[0].image.data)
+
+gRPC failures surface as :class:`grpc.RpcError` (``grpc.aio.AioRpcError`` for
+the async client), carrying the status code and details the server sent.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from imago.v1 import (
+    caption_pb2,
+    caption_pb2_grpc,
+    common_pb2,
+    imagegen_pb2,
+    imagegen_pb2_grpc,
+    vqa_pb2,
+    vqa_pb2_grpc,
+)
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+    ImageInput = bytes | bytearray | memoryview | str | os.PathLike[str] | PILImage.Image
+else:
+    ImageInput = Any
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_TARGET",
+    "AsyncImagoClient",
+    "ImagoClient",
+    "generate_request",
+    "generation_settings",
+    "image_bytes",
+    "image_format",
+]
+
+DEFAULT_TARGET = "localhost:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+#: Names of the GenerationSettings fields, the keywords ``caption`` and ``ask`` accept.
+GENERATION_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in common_pb2.GenerationSettings.DESCRIPTOR.fields
+)
+
+_FORMATS = {
+    "png": common_pb2.IMAGE_FORMAT_PNG,
+    "jpeg": common_pb2.IMAGE_FORMAT_JPEG,
+    "jpg": common_pb2.IMAGE_FORMAT_JPEG,
+    "webp": common_pb2.IMAGE_FORMAT_WEBP,
+}
+
+# ------------------------------------------------------------------ helpers
+
+
+def image_bytes(image: ImageInput) -> bytes:
+    """The encoded bytes of ``image``.
+
+    ``image`` is encoded image bytes (returned as they are), a path to an image
+    file (read as it is), or a PIL image (encoded as PNG). A path that cannot
+    be read raises :class:`OSError`.
+    """
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).read_bytes()
+    if hasattr(image, "save") and hasattr(image, "mode"):
+        buf = io.BytesIO()
+        try:
+            image.save(buf, format="PNG")
+        except OSError:  # modes PNG cannot hold (CMYK, YCbCr, ...)
+            buf = io.BytesIO()
+            image.convert("RGBA" if "A" in image.mode else "RGB").save(buf, format="PNG")
+        return buf.getvalue()
+    raise TypeError(f"image must be bytes, a path or a PIL image, not {type(image).__name__}")
+
+
+def mime_type(data: bytes) -> str:
+    """MIME type of encoded image bytes from their signature; "" when unknown."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return ""
+
+
+def _image_message(image: ImageInput) -> common_pb2.Image:
+    data = image_bytes(image)
+    return common_pb2.Image(data=data, mime_type=mime_type(data))
+
+
+def image_format(name: str | int) -> int:
+    """The ``ImageFormat`` value for "png", "jpeg"/"jpg" or "webp" (or an enum value)."""
+    if isinstance(name, int):
+        common_pb2.ImageFormat.Name(name)  # ValueError when unknown
+        return name
+    try:
+        return _FORMATS[name.lower().lstrip(".")]
+    except KeyError:
+        raise ValueError(f"unknown image format {name!r}; use png, jpeg or webp") from None
+
+
+def generation_settings(
+    generation: common_pb2.GenerationSettings | None = None, **settings: Any
+) -> common_pb2.GenerationSettings:
+    """``generation`` (or empty settings) with the keyword ``settings`` set on top.
+
+    Keywords are GenerationSettings field names; a value of None leaves the
+    field as it is. An unknown keyword raises :class:`TypeError` naming it.
+    """
+    unknown = sorted(set(settings) - set(GENERATION_FIELDS))
+    if unknown:
+        raise TypeError(
+            f"unknown generation setting(s): {', '.join(unknown)}; "
+            f"known: {', '.join(GENERATION_FIELDS)}"
+        )
+    merged = common_pb2.GenerationSettings()
+    if generation is not None:
+        merged.CopyFrom(generation)
+    for name, value in settings.items():
+        if value is not None:
+            setattr(merged, name, value)
+    return merged
+
+
+def caption_request(
+    image: ImageInput,
+    prefix: str = "",
+    generation: common_pb2.GenerationSettings | None = None,
+    **settings: Any,
+) -> caption_pb2.CaptionRequest:
+    """A CaptionRequest; see :meth:`ImagoClient.caption`."""
+    gen = generation_settings(generation, **settings)
+    return caption_pb2.CaptionRequest(image=_image_message(image), prefix=prefix, generation=gen)
+
+
+def ask_request(
+    image: ImageInput,
+    question: str,
+    generation: common_pb2.GenerationSettings | None = None,
+    **settings: Any,
+) -> vqa_pb2.AskRequest:
+    """An AskRequest; see :meth:`ImagoClient.ask`."""
+    gen = generation_settings(generation, **settings)
+    return vqa_pb2.AskRequest(image=_image_message(image), question=question, generation=gen)
+
+
+def generate_request(
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    width: int = 0,
+    height: int = 0,
+    steps: int = 0,
+    guidance_scale: float | None = None,
+    seed: int | None = None,
+    num_images: int = 1,
+    output_format: str | int = "png",
+    preview_every: int = 0,
+    preview_format: str | int = "jpeg",
+    preview_max_size: int = 0,
+) -> imagegen_pb2.GenerateRequest:
+    """A text-to-image GenerateRequest; see :meth:`ImagoClient.generate`."""
+    request = imagegen_pb2.GenerateRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        num_images=num_images,
+        output_format=image_format(output_format),
+        previews=imagegen_pb2.PreviewOptions(
+            every_n_steps=preview_every,
+            format=image_format(preview_format),
+            max_size=preview_max_size,
+        ),
+        text_to_image=imagegen_pb2.TextToImage(),
+    )
+    if guidance_scale is not None:
+        request.guidance_scale = guidance_scale
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+class _ClientBase:
+    """Channel, stubs and per-call timeout shared by both clients."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        timeout: float | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._channel = self._open(target, options)
+        self._caption = caption_pb2_grpc.CaptionServiceStub(self._channel)
+        self._vqa = vqa_pb2_grpc.VqaServiceStub(self._channel)
+        self._imagegen = imagegen_pb2_grpc.ImageGenServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @staticmethod
+    def _open(target: str, options: list[tuple[str, Any]]) -> Any:
+        return grpc.insecure_channel(target, options=options)
+
+
+def _health_name(response: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+# ------------------------------------------------------------------ clients
+
+
+class ImagoClient(_ClientBase):
+    """Blocking client over one insecure gRPC channel.
+
+    ``timeout`` (seconds) bounds every call; for :meth:`generate` it bounds the
+    whole stream. ``max_message_bytes`` caps messages both ways and should
+    match the server's limit.
+    """
+
+    def __enter__(self) -> ImagoClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def caption(
+        self,
+        image: ImageInput,
+        *,
+        prefix: str = "",
+        generation: common_pb2.GenerationSettings | None = None,
+        **settings: Any,
+    ) -> caption_pb2.CaptionResponse:
+        """Captions ``image`` (bytes, path or PIL image).
+
+        ``prefix`` is text the caption must start with. Generation settings
+        come from ``generation`` and/or keywords named after its fields
+        (``max_new_tokens=20``, ``num_beams=3``, ``seed=1`` ...).
+        """
+        request = caption_request(image, prefix, generation, **settings)
+        return self._caption.Caption(request, timeout=self.timeout)
+
+    def ask(
+        self,
+        image: ImageInput,
+        question: str,
+        *,
+        generation: common_pb2.GenerationSettings | None = None,
+        **settings: Any,
+    ) -> vqa_pb2.AskResponse:
+        """Answers ``question`` about ``image``; settings as for :meth:`caption`."""
+        request = ask_request(image, question, generation, **settings)
+        return self._vqa.Ask(request, timeout=self.timeout)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        width: int = 0,
+        height: int = 0,
+        steps: int = 0,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        output_format: str | int = "png",
+        preview_every: int = 0,
+        preview_format: str | int = "jpeg",
+        preview_max_size: int = 0,
+    ) -> Iterator[imagegen_pb2.GenerateResponse]:
+        """Streams the events of one text-to-image generation.
+
+        Events come in order: queued (again when the position changes),
+        started, progress for every step with a preview every
+        ``preview_every`` steps, and the result. 0 and None take the server's
+        defaults (native size, 30 steps, guidance 7.5, a random seed).
+        Stopping the iteration early cancels the generation on the server.
+        """
+        options = dict(locals())
+        del options["self"], options["prompt"]
+        return self._stream(generate_request(prompt, **options))
+
+    def _stream(
+        self, request: imagegen_pb2.GenerateRequest
+    ) -> Iterator[imagegen_pb2.GenerateResponse]:
+        call = self._imagegen.Generate(request, timeout=self.timeout)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def generate_result(
+        self,
+        prompt: str,
+        *,
+        on_event: Callable[[imagegen_pb2.GenerateResponse], object] | None = None,
+        **options: Any,
+    ) -> imagegen_pb2.Result:
+        """Runs :meth:`generate` with the same options to the end, passing each
+        event to ``on_event``, and returns the Result."""
+        for event in self._stream(generate_request(prompt, **options)):
+            if on_event is not None:
+                on_event(event)
+            if event.WhichOneof("event") == "result":
+                return event.result
+        raise RuntimeError("the generation stream ended without a result")
+
+    def health(self, service: str = "") -> str:
+        """Health status name ("SERVING", "NOT_SERVING", ...) of ``service``
+        (full gRPC service name; "" for the server as a whole)."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        return _health_name(self._health.Check(request, timeout=self.timeout))
+
+
+class AsyncImagoClient(_ClientBase):
+    """``asyncio`` client over one ``grpc.aio`` channel; mirrors :class:`ImagoClient`.
+
+    Create it inside a running event loop and close it with ``await close()``
+    or ``async with``.
+    """
+
+    @staticmethod
+    def _open(target: str, options: list[tuple[str, Any]]) -> Any:
+        return grpc.aio.insecure_channel(target, options=options)
+
+    async def __aenter__(self) -> AsyncImagoClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def caption(
+        self,
+        image: ImageInput,
+        *,
+        prefix: str = "",
+        generation: common_pb2.GenerationSettings | None = None,
+        **settings: Any,
+    ) -> caption_pb2.CaptionResponse:
+        """Captions ``image``; see :meth:`ImagoClient.caption`."""
+        request = caption_request(image, prefix, generation, **settings)
+        return await self._caption.Caption(request, timeout=self.timeout)
+
+    async def ask(
+        self,
+        image: ImageInput,
+        question: str,
+        *,
+        generation: common_pb2.GenerationSettings | None = None,
+        **settings: Any,
+    ) -> vqa_pb2.AskResponse:
+        """Answers ``question`` about ``image``; see :meth:`ImagoClient.ask`."""
+        request = ask_request(image, question, generation, **settings)
+        return await self._vqa.Ask(request, timeout=self.timeout)
+
+    def generate(self, prompt: str, **options: Any) -> AsyncIterator[imagegen_pb2.GenerateResponse]:
+        """Async iterator (``async for``) over the events of one generation;
+        options (those of :meth:`ImagoClient.generate`) and events as there."""
+        return self._stream(generate_request(prompt, **options))
+
+    async def _stream(
+        self, request: imagegen_pb2.GenerateRequest
+    ) -> AsyncIterator[imagegen_pb2.GenerateResponse]:
+        call = self._imagegen.Generate(request, timeout=self.timeout)
+        try:
+            async for event in call:
+                yield event
+        finally:
+            call.cancel()
+
+    async def generate_result(
+        self,
+        prompt: str,
+        *,
+        on_event: Callable[[imagegen_pb2.GenerateResponse], object] | None = None,
+        **options: Any,
+    ) -> imagegen_pb2.Result:
+        """Runs :meth:`generate` to the end and returns the Result. ``on_event``
+        may be a plain function or a coroutine function."""
+        events = self._stream(generate_request(prompt, **options))
+        try:
+            async for event in events:
+                if on_event is not None:
+                    outcome = on_event(event)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+                if event.WhichOneof("event") == "result":
+                    return event.result
+        finally:
+            await events.aclose()
+        raise RuntimeError("the generation stream ended without a result")
+
+    async def health(self, service: str = "") -> str:
+        """Health status name of ``service``; see :meth:`ImagoClient.health`."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        return _health_name(await self._health.Check(request, timeout=self.timeout))

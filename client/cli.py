@@ -1,0 +1,431 @@
+"""The ``imago`` command line: run a server, caption, ask, generate, check health.
+
+Exit codes: 0 success; 1 a gRPC error (printed as ``error: CODE: details``) or a
+health status other than SERVING; 2 bad usage or an unreadable/unwritable
+local file; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from imago.client.api import DEFAULT_TARGET, GENERATION_FIELDS, ImagoClient
+
+MiB = 1024 * 1024
+
+_SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+_FORMAT_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+_MIME_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+
+
+_GEN_DOC = """Generate images from a prompt. Prints each image's file and seed. With
+--num-images N > 1, images go to FILE-0.EXT, FILE-1.EXT, ... beside -o FILE."""
+
+
+class InputError(Exception):
+    """A local file that cannot be read or written."""
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def _uint(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _uint(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {value}")
+    return value
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation (unset options take the model's defaults)")
+    add = group.add_argument
+    add("--max-new-tokens", type=_uint, metavar="N", help="new tokens at most")
+    add("--min-new-tokens", type=_uint, metavar="N", help="new tokens at least")
+    add("--num-beams", type=_uint, metavar="N", help="beam search width (1: none)")
+    add("--sample", dest="do_sample", action=argparse.BooleanOptionalAction, help="sample tokens")
+    add("--temperature", type=float, metavar="T", help="softmax temperature when sampling")
+    add("--top-p", type=float, metavar="P", help="nucleus sampling mass")
+    add("--top-k", type=_uint, metavar="K", help="keep the K most likely tokens (0: all)")
+    add("--repetition-penalty", type=float, metavar="X", help="1.0 means none")
+    add("--num-return-sequences", type=_uint, metavar="N", help="outputs per input")
+    add("--length-penalty", type=float, metavar="X", help="> 0 favours longer beams")
+    add("--seed", type=_uint, help="seed for sampling, for reproducible output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``imago`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="imago", description="gRPC model server for BLIP-2 and Stable Diffusion."
+    )
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("IMAGO_TARGET") or DEFAULT_TARGET,
+        metavar="HOST:PORT",
+        help="server to talk to (default: $IMAGO_TARGET, else %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="deadline of each call (default: none)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="run a server", description="Run an imago server.")
+    p.add_argument("--preset", help="model set to load (default: tiny)")
+    p.add_argument("--host", help="address to listen on (default: 0.0.0.0)")
+    p.add_argument("--port", type=_port, default=50051, help="gRPC port (default: %(default)s)")
+    p.add_argument("--workers", type=_uint, metavar="N", help="CPU worker processes (default: 1)")
+    p.add_argument("--cpu", action="store_true", help="use CPU workers even if CUDA is present")
+    p.add_argument(
+        "--max-message-mb",
+        type=_uint,
+        default=64,
+        metavar="MB",
+        help="largest gRPC message either way, in MiB (default: %(default)s)",
+    )
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="where models are cached")
+    levels = ["debug", "info", "warning", "error"]
+    p.add_argument("--log-level", default="info", choices=levels, help="(default: info)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("caption", help="caption images", description="Caption images.")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files (PNG, JPEG, WebP)")
+    p.add_argument("--prefix", default="", metavar="TEXT", help="text the caption starts with")
+    _add_generation_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON lines with all details")
+    p.set_defaults(func=_caption)
+
+    p = sub.add_parser("ask", help="ask about an image", description="Answer a question.")
+    p.add_argument("image", metavar="IMG", help="image file (PNG, JPEG, WebP)")
+    p.add_argument("question", help="the question")
+    _add_generation_options(p)
+    p.add_argument("--json", action="store_true", help="print a JSON line with all details")
+    p.set_defaults(func=_ask)
+
+    p = sub.add_parser("generate", help="generate images from a prompt", description=_GEN_DOC)
+    add = p.add_argument
+    add("prompt", help="what to draw")
+    add("-o", "--output", required=True, type=Path, metavar="FILE", help="output image file")
+    add("--negative", default="", metavar="TEXT", help="what to steer away from")
+    add("--width", type=_uint, default=0, metavar="PX", help="multiple of 8 (default: model's)")
+    add("--height", type=_uint, default=0, metavar="PX", help="multiple of 8 (default: model's)")
+    add("--steps", type=_uint, default=0, metavar="N", help="denoising steps (default: 30)")
+    add("--guidance", type=float, metavar="SCALE", help="guidance scale (default: 7.5)")
+    add("--seed", type=_uint, help="seed of the first image; image i uses seed + i")
+    add("--num-images", type=_uint, default=1, metavar="N", help="(default: 1)")
+    add("--format", choices=["png", "jpeg", "webp"], help="(default: from -o's suffix, else png)")
+    add("--previews", type=Path, metavar="DIR", help="write previews to DIR/step-0005.jpg ...")
+    add("--preview-every", type=_uint, metavar="N", help="a preview every N steps (default: 1)")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("health", help="check server health", description="Check health.")
+    p.add_argument(
+        "service", nargs="?", default="", help="full service name (default: the whole server)"
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep asking until SERVING or SECONDS have passed (default: ask once)",
+    )
+    p.set_defaults(func=_health)
+    return parser
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The GenerationSettings fields set on the command line, by field name."""
+    return {
+        name: getattr(args, name)
+        for name in GENERATION_FIELDS
+        if getattr(args, name, None) is not None
+    }
+
+
+def output_format(output: Path, requested: str | None = None) -> str:
+    """Encoding of the images written to ``output``: ``requested``, else the
+    one its suffix names, else png."""
+    return requested or _SUFFIX_FORMATS.get(output.suffix.lower(), "png")
+
+
+def output_paths(output: Path, count: int, fmt: str = "png") -> list[Path]:
+    """Files for ``count`` images: ``output`` itself for one image, else
+    ``stem-0.ext``, ``stem-1.ext``, ... beside it. A suffix-less ``output``
+    gets the one of ``fmt``."""
+    if not output.suffix:
+        output = output.with_name(output.name + _FORMAT_SUFFIXES[fmt])
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def preview_name(step: int, image_index: int, num_images: int, mime_type: str = "") -> str:
+    """File name of a preview: ``step-0005.jpg``, or ``step-0005-1.jpg`` when
+    the request makes several images."""
+    suffix = _MIME_SUFFIXES.get(mime_type, ".jpg")
+    index = f"-{image_index}" if num_images > 1 else ""
+    return f"step-{step:04d}{index}{suffix}"
+
+
+# ------------------------------------------------------------------ commands
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    """The ``ServeConfig`` of ``imago serve`` arguments; unset ones keep its defaults."""
+    from imago.server.config import Limits, ServeConfig
+
+    keys = ("preset", "host", "port", "workers", "cache_dir")
+    kwargs = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    return ServeConfig(
+        **kwargs,
+        cpu_only=args.cpu,
+        limits=Limits(max_message_bytes=args.max_message_mb * MiB),
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = serve_config(args)
+    try:
+        config.models()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from imago.server.app import run
+
+    return int(run(config) or 0)
+
+
+@contextlib.contextmanager
+def _local(verb: str, path: str | Path) -> Iterator[None]:
+    """Turns an OSError into an InputError naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        raise InputError(f"cannot {verb} {path}: {err.strerror or err}") from None
+
+
+def _read(path: str) -> bytes:
+    with _local("read", path):
+        return Path(path).read_bytes()
+
+
+def _check_readable(paths: list[str]) -> None:
+    for path in paths:
+        if not Path(path).exists():
+            raise InputError(f"cannot read {path}: no such file")
+        if not Path(path).is_file():
+            raise InputError(f"cannot read {path}: not a file")
+        if not os.access(path, os.R_OK):
+            raise InputError(f"cannot read {path}: permission denied")
+
+
+def _texts(items: Any) -> list[dict[str, Any]]:
+    return [
+        {"text": item.text, "score": item.score if item.HasField("score") else None}
+        for item in items
+    ]
+
+
+def _details(reply: Any) -> dict[str, Any]:
+    info = reply.info
+    return {
+        "seed": reply.seed if reply.HasField("seed") else None,
+        "model": info.model,
+        "request_id": info.request_id,
+        "worker": info.worker,
+        "queue_seconds": info.queue_seconds,
+        "inference_seconds": info.inference_seconds,
+    }
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+
+def _client(args: argparse.Namespace) -> ImagoClient:
+    return ImagoClient(args.target, timeout=args.timeout)
+
+
+def _caption(args: argparse.Namespace) -> int:
+    settings = generation_options(args)
+    _check_readable(args.images)
+    with _client(args) as client:
+        for path in args.images:
+            reply = client.caption(_read(path), prefix=args.prefix, **settings)
+            if args.json:
+                line = {"image": path, "captions": _texts(reply.captions), **_details(reply)}
+                print(json.dumps(line), flush=True)
+            else:
+                text = reply.captions[0].text if reply.captions else ""
+                print(f"{path}\t{_one_line(text)}", flush=True)
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    data = _read(args.image)
+    with _client(args) as client:
+        reply = client.ask(data, args.question, **generation_options(args))
+    if args.json:
+        line = {"image": args.image, "question": args.question, "answers": _texts(reply.answers)}
+        print(json.dumps({**line, **_details(reply)}))
+    else:
+        print(reply.answers[0].text if reply.answers else "")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    if args.preview_every is not None and args.previews is None:
+        print("error: --preview-every needs --previews DIR", file=sys.stderr)
+        return 2
+    preview_every = 0
+    if args.previews is not None:
+        preview_every = 1 if args.preview_every is None else args.preview_every
+        with _local("create", args.previews):
+            args.previews.mkdir(parents=True, exist_ok=True)
+    fmt = output_format(args.output, args.format)
+    with _local("create", args.output.parent):
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+
+    result = None
+    bar = tqdm(total=args.steps or None, desc="waiting", unit="step", file=sys.stderr, disable=None)
+    with bar, _client(args) as client:
+        events = client.generate(
+            args.prompt,
+            negative_prompt=args.negative,
+            width=args.width,
+            height=args.height,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            num_images=args.num_images,
+            output_format=fmt,
+            preview_every=preview_every,
+        )
+        for event in events:
+            kind = event.WhichOneof("event")
+            if kind == "queued":
+                bar.set_description(f"queued (position {event.queued.position})")
+            elif kind == "started":
+                bar.reset(total=event.started.total_steps)
+                bar.set_description("denoising")
+            elif kind == "progress":
+                bar.update(event.progress.step - bar.n)
+            elif kind == "preview" and args.previews is not None:
+                preview = event.preview
+                name = preview_name(
+                    preview.step, preview.image_index, args.num_images, preview.image.mime_type
+                )
+                with _local("write", args.previews / name):
+                    (args.previews / name).write_bytes(preview.image.data)
+            elif kind == "result":
+                result = event.result
+    if result is None:
+        print("error: the server ended the stream without a result", file=sys.stderr)
+        return 1
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    paths = output_paths(args.output, len(result.images), fmt)
+    for path, generated in zip(paths, result.images, strict=True):
+        with _local("write", path):
+            path.write_bytes(generated.image.data)
+        print(f"{path}\tseed={generated.seed}")
+        if generated.nsfw_detected:
+            note = "replaced" if generated.replaced else "kept"
+            print(f"warning: {path} was flagged by the safety checker ({note})", file=sys.stderr)
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.wait
+    with _client(args) as client:
+        while True:
+            try:
+                status = client.health(args.service)
+            except grpc.RpcError:
+                # Not listening yet, or still starting: only an error once time is up.
+                if time.monotonic() >= deadline:
+                    raise
+                status = ""
+            if status == "SERVING" or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+# ------------------------------------------------------------------ errors
+
+
+def format_rpc_error(err: grpc.RpcError, target: str) -> str:
+    """``error: CODE: details``, plus any field violations and retry delay the
+    server attached; an unreachable server is named as such."""
+    code = err.code() if hasattr(err, "code") else None
+    details = (err.details() if hasattr(err, "details") else None) or ""
+    name = code.name if code is not None else "UNKNOWN"
+    lowered = details.lower()
+    unreachable = ("failed to connect", "connection refused", "dns", "errors resolving")
+    if code == grpc.StatusCode.UNAVAILABLE and any(s in lowered for s in unreachable):
+        return f"error: UNAVAILABLE: cannot reach an imago server at {target} ({details})"
+    lines = [f"error: {name}: {details}" if details else f"error: {name}"]
+    try:
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+
+        status = rpc_status.from_call(err)
+        for detail in status.details if status is not None else ():
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                lines += [f"  {v.field}: {v.description}" for v in bad.field_violations]
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                lines.append(f"  retry after {retry.retry_delay.ToTimedelta().total_seconds()}s")
+    except Exception:  # rich details are a bonus; the status line is what counts
+        pass
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the ``imago`` command line on ``argv`` (default: ``sys.argv[1:]``)
+    and returns its exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as err:
+        print(format_rpc_error(err, args.target), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
