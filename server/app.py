@@ -64,6 +64,8 @@ def build_server(config: ServeConfig) -> tuple[grpc.aio.Server, WorkerPool, Heal
         options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", limits.max_message_bytes),
+            # A second server on the same port must fail to start, not share it.
+            ("grpc.so_reuseport", 0),
         ]
     )
     health_status = Health(config)

@@ -88,8 +88,10 @@ class Scheduler:
                 retry_after_s=1.0,
             )
         queue.append(ticket)
-        self.dispatch()
+        # Every accepted request hears its position first, even one that
+        # starts at once: clients can rely on Queued preceding Started.
         self._report_positions(ticket.model)
+        self.dispatch()
 
     def cancel(self, ticket: Ticket) -> None:
         """Forget ``ticket``: drop it from its queue, or stop it on its worker."""

@@ -194,6 +194,10 @@ def run_worker(
     # Ctrl-C reaches the whole process group; the frontend decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=f"%(asctime)s {worker_id} %(message)s")
+    # Download and load progress bars would interleave across workers in the server log.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     if device.startswith("cuda:"):
         # Pin before torch is imported, so this process sees exactly one GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
