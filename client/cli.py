@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest gRPC message either way, in MiB (default: %(default)s)",
     )
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="where models are cached")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="FAMILY=SOURCE",
+        help="serve SOURCE (hub id or directory) for FAMILY (blip2, stable-diffusion) "
+        "instead of the preset's; repeatable",
+    )
     levels = ["debug", "info", "warning", "error"]
     p.add_argument("--log-level", default="info", choices=levels, help="(default: info)")
     p.set_defaults(func=_serve)
@@ -197,6 +205,7 @@ def serve_config(args: argparse.Namespace) -> Any:
     kwargs = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     return ServeConfig(
         **kwargs,
+        overrides=tuple(args.model),
         cpu_only=args.cpu,
         limits=Limits(max_message_bytes=args.max_message_mb * MiB),
     )

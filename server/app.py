@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -131,11 +130,6 @@ async def serve(config: ServeConfig) -> int:
     return exit_code
 
 
-def run(config: ServeConfig, log_level: str = "info") -> int:
-    """Blocking entry point used by ``imago serve``."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+def run(config: ServeConfig) -> int:
+    """Blocking entry point used by ``imago serve`` (which sets up logging)."""
     return asyncio.run(serve(config))

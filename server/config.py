@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imago.workers.presets import ModelSpec, preset
+from imago.workers.presets import ModelSpec, preset, with_overrides
 
 MiB = 1024 * 1024
 
@@ -38,6 +38,8 @@ class ServeConfig:
     """Everything ``imago serve`` needs to start."""
 
     preset: str = "tiny"
+    # "family=source" entries that replace the preset's model of that family.
+    overrides: tuple[str, ...] = ()
     host: str = "0.0.0.0"
     port: int = 50051
     # CPU worker processes when no CUDA device is present (one per device otherwise).
@@ -50,4 +52,5 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
 
     def models(self) -> tuple[ModelSpec, ...]:
-        return preset(self.preset)
+        """The models to serve; ValueError for an unknown preset or bad override."""
+        return with_overrides(preset(self.preset), self.overrides)

@@ -16,7 +16,7 @@ from typing import TypeVar
 import grpc
 
 from imago.server.config import Limits
-from imago.server.errors import RequestError, from_code_name
+from imago.server.errors import RequestError, from_failure
 from imago.server.pool import WorkerPool
 from imago.server.scheduler import TERMINAL, Scheduler, Ticket
 from imago.v1 import common_pb2
@@ -83,7 +83,7 @@ class Dispatcher:
         try:
             async for message, _ in events:
                 if isinstance(message, Failed):
-                    raise from_code_name(message.code, message.message)
+                    raise from_failure(message)
                 if isinstance(message, TextResult):
                     return message
         finally:

@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from imago.v1 import common_pb2
+from imago.workers.protocol import Failed
 
 
 @dataclass
@@ -54,10 +55,10 @@ def invalid(field: str, message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message, field)
 
 
-def from_code_name(code_name: str, message: str) -> RequestError:
-    """A RequestError from a StatusCode name sent by a worker ("CANCELLED")."""
-    code = getattr(grpc.StatusCode, code_name, grpc.StatusCode.INTERNAL)
-    return RequestError(code, message)
+def from_failure(failure: Failed) -> RequestError:
+    """The RequestError for a worker's Failed message."""
+    code = getattr(grpc.StatusCode, failure.code, grpc.StatusCode.INTERNAL)
+    return RequestError(code, failure.message, failure.field)
 
 
 async def abort(context: grpc.aio.ServicerContext, error: RequestError) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 
 from imago.server.dispatch import Dispatcher, bulk
-from imago.server.errors import RequestError, abort, from_code_name
+from imago.server.errors import RequestError, abort, from_failure
 from imago.server.images import check_image
 from imago.server.scheduler import QueuePosition
 from imago.server.validation import caption_job, text_to_image_job, vqa_job
@@ -107,7 +107,7 @@ class ImageGenServicer(imagegen_pb2_grpc.ImageGenServiceServicer):
         try:
             async for message, frames in events:
                 if isinstance(message, protocol.Failed):
-                    raise from_code_name(message.code, message.message)
+                    raise from_failure(message)
                 yield imagegen_pb2.GenerateResponse(
                     request_id=rid, **self._event(message, frames, ticket)
                 )

@@ -25,6 +25,7 @@ class FakeSink:
         self.calls: list[tuple] = []
         self.results: dict[str, list[GeneratedText]] = {}
         self.failures: dict[str, tuple[str, str]] = {}
+        self.fields: dict[str, str] = {}
         self.cancel_after = cancel_after or {}
         self.polls: dict[str, int] = {}
 
@@ -35,9 +36,10 @@ class FakeSink:
         self.calls.append(("text_result", request_id))
         self.results[request_id] = texts
 
-    def failed(self, request_id: str, code: str, message: str) -> None:
+    def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
         self.calls.append(("failed", request_id))
         self.failures[request_id] = (code, message)
+        self.fields[request_id] = field
 
     def is_cancelled(self, request_id: str) -> bool:
         self.polls[request_id] = self.polls.get(request_id, 0) + 1
@@ -264,6 +266,7 @@ def test_undecodable_image_fails_only_its_request(runner):
     job = CaptionJob("", settings(max_new_tokens=3))
     runner.run([Request("bad", job, [b"not an image"]), Request("ok", job, [png(image(12))])], sink)
     assert sink.failures["bad"][0] == "INVALID_ARGUMENT"
+    assert sink.fields["bad"] == "image.data"
     assert "ok" in sink.results
 
 

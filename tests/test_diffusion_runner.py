@@ -77,8 +77,8 @@ class RecordingSink:
             seconds=inference_seconds,
         )
 
-    def failed(self, request_id: str, code: str, message: str) -> None:
-        self._record("failed", request_id=request_id, code=code, message=message)
+    def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
+        self._record("failed", request_id=request_id, code=code, message=message, field=field)
 
     def is_cancelled(self, request_id: str) -> bool:
         steps = [p["step"] for p in self.of("progress") if p["request_id"] == request_id]

@@ -72,6 +72,10 @@ CAPTION_CASES = {
         image=GOOD, generation=Gen(num_beams=2, num_return_sequences=4)
     ),
     "prefix": caption_pb2.CaptionRequest(image=GOOD, prefix="x" * 5000),
+    # Within the server's limit, but past the tiny model's 128 positions.
+    "generation.max_new_tokens (model limit)": caption_pb2.CaptionRequest(
+        image=GOOD, generation=Gen(max_new_tokens=200)
+    ),
 }
 
 

@@ -148,22 +148,23 @@ class Blip2Runner(Runner):
             sink.failed(request.request_id, "INVALID_ARGUMENT", f"{self.family} cannot run {job!r}")
             return None
         if not request.images:
-            sink.failed(request.request_id, "INVALID_ARGUMENT", "an image is required")
+            sink.failed(request.request_id, "INVALID_ARGUMENT", "an image is required", "image")
             return None
         try:
             with Image.open(io.BytesIO(request.images[0])) as image:
                 rgb = image.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            sink.failed(request.request_id, "INVALID_ARGUMENT", f"cannot decode image: {exc}")
+            message = f"cannot decode image: {exc}"
+            sink.failed(request.request_id, "INVALID_ARGUMENT", message, "image.data")
             return None
         # Image placeholders and prompt share the language model's positions.
         used = self.model.config.num_query_tokens + len(self.processor.tokenizer(prompt).input_ids)
         limit = self.model.config.text_config.max_position_embeddings
         if used + job.settings.max_new_tokens > limit:
-            message = (
-                f"prompt and max_new_tokens need {used + job.settings.max_new_tokens} > {limit}"
-            )
-            sink.failed(request.request_id, "INVALID_ARGUMENT", message)
+            new = job.settings.max_new_tokens
+            message = f"{new} new tokens after a {used}-token prompt exceed the {limit} positions"
+            field = "generation.max_new_tokens"
+            sink.failed(request.request_id, "INVALID_ARGUMENT", message, field)
             return None
         return _Item(request.request_id, rgb, prompt, prefix, job.settings)
 

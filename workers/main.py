@@ -121,9 +121,9 @@ class WorkerChannel:
             ImageResult(request_id, metas, warnings, inference_seconds), [d for _, d in images]
         )
 
-    def failed(self, request_id: str, code: str, message: str) -> None:
+    def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
         self.finished.add(request_id)
-        self.send(Failed(request_id, code, message))
+        self.send(Failed(request_id, code, message, field))
 
 
 def _die_with_parent() -> None:

@@ -56,3 +56,21 @@ def model_for_service(models: tuple[ModelSpec, ...], service: str) -> ModelSpec 
         if service in FAMILY_SERVICES[spec.family]:
             return spec
     return None
+
+
+def with_overrides(
+    models: tuple[ModelSpec, ...], overrides: tuple[str, ...]
+) -> tuple[ModelSpec, ...]:
+    """``models`` with each "family=source" override replacing (or adding) the
+    model of that family. The model is named after the source's last part."""
+    chosen = {spec.family: spec for spec in models}
+    for override in overrides:
+        family, sep, source = override.partition("=")
+        if not sep or not source:
+            raise ValueError(f"model override {override!r} is not FAMILY=SOURCE")
+        if family not in FAMILY_SERVICES:
+            known = ", ".join(sorted(FAMILY_SERVICES))
+            raise ValueError(f"unknown model family {family!r}; known families: {known}")
+        name = source.rstrip("/").rsplit("/", 1)[-1].replace(":", "-")
+        chosen[family] = ModelSpec(name, family, source)
+    return tuple(chosen.values())

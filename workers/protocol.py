@@ -184,6 +184,8 @@ class Failed(msgspec.Struct, tag="failed", frozen=True):
     request_id: str
     code: str
     message: str
+    # Request field at fault ("generation.max_new_tokens"), when there is one.
+    field: str = ""
 
 
 class BatchDone(msgspec.Struct, tag="batch_done", frozen=True):

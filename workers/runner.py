@@ -64,8 +64,9 @@ class EventSink(Protocol):
         inference_seconds: float,
     ) -> None: ...
 
-    def failed(self, request_id: str, code: str, message: str) -> None:
-        """End a request with a gRPC status (``code`` is a StatusCode name)."""
+    def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
+        """End a request with a gRPC status (``code`` is a StatusCode name);
+        ``field`` names the request field at fault, when one is."""
 
     def is_cancelled(self, request_id: str) -> bool:
         """True once the frontend asked to stop this request. Cheap to call
