@@ -38,10 +38,17 @@ class Health:
         self.servicer = health.aio.HealthServicer()
         self._models = config.models()
         self._pool: WorkerPool | None = None
+        self._updates: set[asyncio.Task] = set()
         self.draining = False
 
     def attach(self, pool: WorkerPool) -> None:
         self._pool = pool
+
+    def schedule_update(self) -> None:
+        """Update from synchronous code; the task is kept until it is done."""
+        task = asyncio.ensure_future(self.update())
+        self._updates.add(task)
+        task.add_done_callback(self._updates.discard)
 
     async def update(self) -> None:
         live = self._pool.live_models() if self._pool and not self.draining else set()
@@ -75,7 +82,7 @@ def build_server(config: ServeConfig) -> tuple[grpc.aio.Server, WorkerPool, Heal
         devices,
         scheduler,
         cache_dir=config.cache_dir,
-        on_change=lambda: asyncio.ensure_future(health_status.update()),
+        on_change=health_status.schedule_update,
     )
     health_status.attach(pool)
     dispatcher = Dispatcher(config.models(), scheduler, pool, limits)

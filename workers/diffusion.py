@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
 from imago.workers.presets import STABLE_DIFFUSION
@@ -105,6 +106,8 @@ class StableDiffusionRunner(Runner):
         """Load ``source`` (a diffusers directory or a hub id) in float16 on
         CUDA and float32 elsewhere."""
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        # Its loading bar would interleave with other workers' lines in the server log.
+        diffusers_logging.disable_progress_bar()
         try:
             # trust_remote_code stays at its default (off): a checkpoint may
             # not bring its own pipeline code.
