@@ -230,11 +230,10 @@ class WorkerPool:
             if worker is None:
                 continue
             try:
-                message = from_worker_decoder.decode(header)
+                self._handle(worker, from_worker_decoder.decode(header), frames)
             except Exception:
-                log.exception("undecodable message from %s", worker.worker_id)
-                continue
-            self._handle(worker, message, frames)
+                # One bad message must not stop every later one from arriving.
+                log.exception("could not handle a message from %s", worker.worker_id)
 
     def _handle(self, worker: WorkerHandle, message, frames: list[bytes]) -> None:
         if isinstance(message, Ready):
@@ -276,6 +275,9 @@ class WorkerPool:
                 for ticket in worker.running.values():
                     ticket.deliver(Failed(ticket.request_id, "UNAVAILABLE", reason))
                 worker.running.clear()
+                # Nobody would ever take requests queued for a model no live worker holds.
+                for model in set(worker.models) - self.live_models():
+                    self._scheduler.fail_queued(model, f"{reason}; no worker holds {model}")
                 if was_starting and self._startup and not self._startup.done():
                     self._startup.set_exception(StartupError(reason + " while loading models"))
                 self._on_change()

@@ -103,6 +103,12 @@ class Scheduler:
         elif ticket.worker is not None and self._workers is not None:
             self._workers.cancel(ticket)
 
+    def fail_queued(self, model: str, reason: str) -> None:
+        """End every ticket queued for ``model`` with UNAVAILABLE (safe to retry)."""
+        queue = self._queues.pop(model, deque())
+        for ticket in queue:
+            ticket.deliver(Failed(ticket.request_id, "UNAVAILABLE", reason))
+
     def dispatch(self) -> None:
         """Give queued tickets to idle workers. Called on submit and whenever a
         worker becomes free."""

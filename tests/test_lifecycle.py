@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from conftest import png_bytes, start_server
 
@@ -122,3 +123,26 @@ def test_frontend_process_never_loads_torch(server):
     maps = Path(f"/proc/{server.process.pid}/maps").read_text()
     assert "libtorch" not in maps
     assert os.path.exists(f"/proc/{server.process.pid}")
+
+
+def test_a_killed_worker_fails_its_request_and_health_follows(model_cache, tmp_path):
+    server = start_server(model_cache, tmp_path, "--workers", "1")
+    try:
+        (worker,) = worker_pids(server.process.pid)
+        with ImagoClient(server.target, timeout=120) as client:
+            stream = client.generate("a long walk", steps=150, width=256, height=256)
+            for event in stream:
+                if event.HasField("progress"):
+                    os.kill(worker, signal.SIGKILL)
+                    break
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stream)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "exited" in caught.value.details()
+            assert client.health("imago.v1.ImageGenService") == "NOT_SERVING"
+            assert client.health("") == "NOT_SERVING"
+            with pytest.raises(grpc.RpcError) as refused:
+                client.caption(png_bytes())
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        assert server.stop() == 0
