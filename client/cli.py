@@ -414,7 +414,8 @@ def format_rpc_error(err: grpc.RpcError, target: str) -> str:
                 retry = error_details_pb2.RetryInfo()
                 detail.Unpack(retry)
                 lines.append(f"  retry after {retry.retry_delay.ToTimedelta().total_seconds()}s")
-    except Exception:  # rich details are a bonus; the status line is what counts
+    except ValueError:
+        # Details that contradict the status line: that line is what counts.
         pass
     return "\n".join(lines)
 

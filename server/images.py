@@ -13,7 +13,7 @@ import warnings
 from PIL import Image
 
 from imago.server.config import Limits
-from imago.server.errors import RequestError, invalid
+from imago.server.errors import invalid
 from imago.v1 import common_pb2
 
 # PIL format name -> MIME type, for every format accepted in requests.
@@ -87,6 +87,3 @@ def check_image(image: common_pb2.Image, field: str, limits: Limits) -> bytes:
 def _reason(exc: Exception) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-__all__ = ["ACCEPTED_FORMATS", "OUTPUT_FORMATS", "RequestError", "check_image", "output_format"]
