@@ -146,3 +146,16 @@ def test_a_killed_worker_fails_its_request_and_health_follows(model_cache, tmp_p
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         assert server.stop() == 0
+
+
+def test_a_taken_port_fails_start_up_instead_of_sharing_it(server, model_cache, tmp_path):
+    port = server.target.rsplit(":", 1)[1]
+    command = [sys.executable, "-m", "imago.client.cli", "serve", "--host", "127.0.0.1"]
+    result = subprocess.run(
+        [*command, "--port", port, "--cache-dir", str(model_cache)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
