@@ -9,6 +9,7 @@ or stops it on its worker.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -22,6 +23,8 @@ from imago.server.scheduler import TERMINAL, Scheduler, Ticket
 from imago.v1 import common_pb2
 from imago.workers.presets import ModelSpec, model_for_service
 from imago.workers.protocol import Failed, Job, ModelInfo, TextResult, WorkItem
+
+log = logging.getLogger("imago.dispatch")
 
 
 class Dispatcher:
@@ -115,11 +118,12 @@ async def bulk(
 
     Each incoming item (with ``id`` and ``request``) is handled concurrently;
     results go out as they finish, wrapped as ``wrap(id=..., response=...)`` or
-    ``wrap(id=..., error=ItemError)``. At most ``window`` items are in flight:
-    past that the stream is not read, so HTTP/2 flow control holds the client
-    back instead of the server buffering without bound.
+    ``wrap(id=..., error=ItemError)``. At most ``window`` items are in flight
+    or waiting to be written: past that the stream is not read, so HTTP/2 flow
+    control holds a fast client back instead of the server buffering without
+    bound, and a client that stops reading results stops being read.
     """
-    done = asyncio.Queue()
+    done: asyncio.Queue = asyncio.Queue()
     slots = asyncio.Semaphore(window)
     finished = object()
 
@@ -128,16 +132,21 @@ async def bulk(
             out = wrap(id=item.id, response=await handle(item.request))
         except RequestError as error:
             out = wrap(id=item.id, error=error.to_item_error())
-        finally:
-            slots.release()
+        except Exception:
+            # A bug must not leave the stream waiting for this item forever.
+            log.exception("bulk item %r failed", item.id)
+            error = RequestError(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            out = wrap(id=item.id, error=error.to_item_error())
         done.put_nowait(out)
 
     async def read() -> None:
-        tasks = set()
+        tasks: set[asyncio.Task] = set()
         try:
             async for item in items:
                 await slots.acquire()
-                tasks.add(asyncio.create_task(one(item)))
+                task = asyncio.create_task(one(item))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:
@@ -148,6 +157,7 @@ async def bulk(
     try:
         while (out := await done.get()) is not finished:
             yield out
+            slots.release()  # written to the client: room for one more
         await reader  # re-raise a broken input stream
     finally:
         reader.cancel()
