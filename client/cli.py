@@ -50,6 +50,13 @@ def _uint(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = _uint(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {value}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _uint(text)
     if value > 65535:
@@ -110,6 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FAMILY=SOURCE",
         help="serve SOURCE (hub id or directory) for FAMILY (blip2, stable-diffusion) "
         "instead of the preset's; repeatable",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        action="append",
+        default=[],
+        metavar="[MODEL=]N",
+        help="most requests per batch (images for image models) for MODEL, or for every "
+        "model without MODEL=; repeatable (default: 32 for BLIP-2, 4 for Stable Diffusion)",
+    )
+    p.add_argument(
+        "--max-batch-delay-ms",
+        action="append",
+        default=[],
+        metavar="[MODEL=]MS",
+        help="longest a request under load waits for batch companions; 0 never waits; "
+        "repeatable like --max-batch-size (default: 20)",
+    )
+    p.add_argument(
+        "--max-queue", type=_positive, metavar="N", help="waiting requests per model (default: 256)"
     )
     levels = ["debug", "info", "warning", "error"]
     p.add_argument("--log-level", default="info", choices=levels, help="(default: info)")
@@ -203,11 +229,16 @@ def serve_config(args: argparse.Namespace) -> Any:
 
     keys = ("preset", "host", "port", "workers", "cache_dir")
     kwargs = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    limits = {"max_message_bytes": args.max_message_mb * MiB}
+    if args.max_queue is not None:
+        limits["max_queue_size"] = args.max_queue
     return ServeConfig(
         **kwargs,
         overrides=tuple(args.model),
+        max_batch_sizes=tuple(args.max_batch_size),
+        max_batch_delays_ms=tuple(args.max_batch_delay_ms),
         cpu_only=args.cpu,
-        limits=Limits(max_message_bytes=args.max_message_mb * MiB),
+        limits=Limits(**limits),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imago.workers.presets import ModelSpec, preset, with_overrides
+from imago.workers.presets import ModelSpec, preset, with_batching, with_overrides
 
 MiB = 1024 * 1024
 
@@ -40,6 +40,10 @@ class ServeConfig:
     preset: str = "tiny"
     # "family=source" entries that replace the preset's model of that family.
     overrides: tuple[str, ...] = ()
+    # "[MODEL=]N" entries overriding the family's max_batch_size (all models without MODEL=).
+    max_batch_sizes: tuple[str, ...] = ()
+    # "[MODEL=]MS" entries overriding the family's max_batch_delay_ms.
+    max_batch_delays_ms: tuple[str, ...] = ()
     host: str = "0.0.0.0"
     port: int = 50051
     # CPU worker processes when no CUDA device is present (one per device otherwise).
@@ -52,5 +56,7 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
 
     def models(self) -> tuple[ModelSpec, ...]:
-        """The models to serve; ValueError for an unknown preset or bad override."""
-        return with_overrides(preset(self.preset), self.overrides)
+        """The models to serve with their batching; ValueError for an unknown
+        preset or a malformed override."""
+        models = with_overrides(preset(self.preset), self.overrides)
+        return with_batching(models, self.max_batch_sizes, self.max_batch_delays_ms)

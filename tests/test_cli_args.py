@@ -275,6 +275,30 @@ def test_serve_arguments_build_serve_config(tmp_path):
     )
 
 
+def test_serve_batching_and_queue_options_reach_the_config():
+    from imago.server.config import Limits, ServeConfig
+
+    args = parse(
+        "serve", "--max-batch-size", "8", "--max-batch-size", "sd-tiny=2",
+        "--max-batch-delay-ms", "blip2-tiny=5", "--max-queue", "10",
+    )  # fmt: skip
+    config = serve_config(args)
+    assert config == ServeConfig(
+        max_batch_sizes=("8", "sd-tiny=2"),
+        max_batch_delays_ms=("blip2-tiny=5",),
+        limits=Limits(max_queue_size=10),
+    )
+    policies = {spec.name: spec.batch_policy for spec in config.models()}
+    assert policies["blip2-tiny"].max_batch_size == 8
+    assert policies["blip2-tiny"].max_batch_delay_ms == 5
+    assert policies["sd-tiny"].max_batch_size == 2
+
+
+def test_serve_bad_batch_limit_is_a_usage_error(capsys):
+    assert main(["serve", "--max-batch-size", "nope=3"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+
+
 def test_serve_unknown_preset_is_a_usage_error(capsys):
     assert main(["serve", "--preset", "no-such-preset"]) == 2
     assert "no-such-preset" in capsys.readouterr().err

@@ -6,7 +6,15 @@ import pytest
 from conftest import png_bytes, start_server
 
 from imago.client import ImagoClient
-from imago.workers.presets import BLIP2, STABLE_DIFFUSION, preset, with_overrides
+from imago.workers.presets import (
+    BLIP2,
+    FAMILY_BATCHING,
+    STABLE_DIFFUSION,
+    BatchPolicy,
+    preset,
+    with_batching,
+    with_overrides,
+)
 
 
 def test_an_override_replaces_the_presets_model_of_its_family():
@@ -14,6 +22,28 @@ def test_an_override_replaces_the_presets_model_of_its_family():
     by_family = {m.family: m for m in models}
     assert (by_family[BLIP2].name, by_family[BLIP2].source) == ("my-blip2", "/models/my-blip2/")
     assert by_family[STABLE_DIFFUSION] == preset("tiny")[1]
+
+
+def test_models_batch_by_their_familys_policy_unless_told_otherwise():
+    blip2, sd = with_batching(preset("tiny"), ("8", "sd-tiny=2"), ("blip2-tiny=0",))
+    assert blip2.batch_policy == BatchPolicy(max_batch_size=8, max_batch_delay_ms=0.0)
+    assert sd.batch_policy == BatchPolicy(2, FAMILY_BATCHING[STABLE_DIFFUSION].max_batch_delay_ms)
+    assert preset("tiny")[0].batch_policy == FAMILY_BATCHING[BLIP2]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "delays", "message"),
+    [
+        (("nope=3",), (), "unknown model 'nope'"),
+        (("0",), (), "valid VALUE"),
+        (("blip2-tiny=x",), (), "valid VALUE"),
+        ((), ("-1",), "valid VALUE"),
+        ((), ("inf",), "valid VALUE"),
+    ],
+)
+def test_malformed_batch_limits_are_refused(sizes, delays, message):
+    with pytest.raises(ValueError, match=message):
+        with_batching(preset("tiny"), sizes, delays)
 
 
 def test_a_hub_id_override_is_named_after_its_repository():

@@ -8,7 +8,8 @@ for the small random-weight checkpoints imago builds itself (see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 BLIP2 = "blip2"
 STABLE_DIFFUSION = "stable-diffusion"
@@ -21,12 +22,39 @@ FAMILY_SERVICES: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
+class BatchPolicy:
+    """How the scheduler batches one model's requests.
+
+    ``max_batch_size`` bounds a batch (in requests for text models, in images
+    for image models). ``max_batch_delay_ms`` is the longest the oldest
+    waiting request is held back for companions; 0 never waits and batches
+    only what queued up while the workers were busy.
+    """
+
+    max_batch_size: int
+    max_batch_delay_ms: float
+
+
+#: Batching of each family unless the server is told otherwise.
+FAMILY_BATCHING: dict[str, BatchPolicy] = {
+    BLIP2: BatchPolicy(max_batch_size=32, max_batch_delay_ms=20.0),
+    STABLE_DIFFUSION: BatchPolicy(max_batch_size=4, max_batch_delay_ms=20.0),
+}
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """A model a server loads: its name in the API, its family and its source."""
+    """A model a server loads: its name in the API, its family, its source and
+    how its requests are batched."""
 
     name: str
     family: str
     source: str
+    batching: BatchPolicy | None = None
+
+    @property
+    def batch_policy(self) -> BatchPolicy:
+        return self.batching or FAMILY_BATCHING[self.family]
 
 
 PRESETS: dict[str, tuple[ModelSpec, ...]] = {
@@ -56,6 +84,36 @@ def model_for_service(models: tuple[ModelSpec, ...], service: str) -> ModelSpec 
         if service in FAMILY_SERVICES[spec.family]:
             return spec
     return None
+
+
+def with_batching(
+    models: tuple[ModelSpec, ...], sizes: tuple[str, ...] = (), delays_ms: tuple[str, ...] = ()
+) -> tuple[ModelSpec, ...]:
+    """``models`` with batch limits changed. Each entry is "MODEL=VALUE" for one
+    model or a bare "VALUE" for all of them; later entries win. ValueError
+    names a malformed entry or an unknown model."""
+    policies = {spec.name: spec.batch_policy for spec in models}
+
+    def apply(entries: tuple[str, ...], what: str, parse, field: str) -> None:
+        for entry in entries:
+            name, sep, text = entry.rpartition("=")
+            names = [name] if sep else list(policies)
+            if sep and name not in policies:
+                known = ", ".join(policies)
+                raise ValueError(f"{what} {entry!r} names unknown model {name!r}; models: {known}")
+            try:
+                value = parse(text)
+            except ValueError:
+                value = None
+            least = 1 if field == "max_batch_size" else 0
+            if value is None or not math.isfinite(value) or value < least:
+                raise ValueError(f"{what} {entry!r} is not [MODEL=]VALUE with a valid VALUE")
+            for key in names:
+                policies[key] = replace(policies[key], **{field: value})
+
+    apply(sizes, "max batch size", int, "max_batch_size")
+    apply(delays_ms, "max batch delay", float, "max_batch_delay_ms")
+    return tuple(replace(spec, batching=policies[spec.name]) for spec in models)
 
 
 def with_overrides(

@@ -67,6 +67,35 @@ class TextToImageJob(msgspec.Struct, tag="text_to_image", frozen=True):
 Job = CaptionJob | VqaJob | TextToImageJob
 
 
+def batch_key(job: Job) -> tuple | None:
+    """What must agree for jobs to share one model call, or None for a job that
+    always runs alone.
+
+    Greedy and beam-search text jobs batch when their settings agree (the seed
+    plays no part in them), whatever their prompt, question or image: caption
+    and VQA jobs mix. Sampled text runs alone, because transformers draws one
+    random stream for the whole batch and a seed would then no longer decide
+    the text. Image jobs batch when the settings that fix the latent shape and
+    the denoising schedule agree; prompts, seeds, image counts and output or
+    preview formats may differ.
+    """
+    if isinstance(job, CaptionJob | VqaJob):
+        if job.settings.do_sample:
+            return None
+        return ("text", msgspec.structs.replace(job.settings, seed=0))
+    if isinstance(job, TextToImageJob):
+        return ("text_to_image", job.width, job.height, job.steps, job.guidance_scale)
+    return None
+
+
+def batch_weight(job: Job) -> int:
+    """How much of a batch's ``max_batch_size`` a job takes: its images for
+    image jobs, 1 otherwise."""
+    if isinstance(job, TextToImageJob):
+        return job.num_images
+    return 1
+
+
 class WorkItem(msgspec.Struct, frozen=True):
     """One request inside a batch. ``frames`` counts its image frames."""
 
