@@ -75,17 +75,19 @@ def build_server(config: ServeConfig) -> tuple[grpc.aio.Server, WorkerPool, Heal
         ]
     )
     health_status = Health(config)
-    scheduler = Scheduler(limits.max_queue_size)
+    models = config.models()
+    policies = {spec.name: spec.batch_policy for spec in models}
+    scheduler = Scheduler(limits.max_queue_size, policies)
     devices = detect_devices(config.workers, config.cpu_only)
     pool = WorkerPool(
-        config.models(),
+        models,
         devices,
         scheduler,
         cache_dir=config.cache_dir,
         on_change=health_status.schedule_update,
     )
     health_status.attach(pool)
-    dispatcher = Dispatcher(config.models(), scheduler, pool, limits)
+    dispatcher = Dispatcher(models, scheduler, pool, limits)
     caption_pb2_grpc.add_CaptionServiceServicer_to_server(CaptionServicer(dispatcher), server)
     vqa_pb2_grpc.add_VqaServiceServicer_to_server(VqaServicer(dispatcher), server)
     imagegen_pb2_grpc.add_ImageGenServiceServicer_to_server(ImageGenServicer(dispatcher), server)

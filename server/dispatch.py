@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -58,10 +59,16 @@ class Dispatcher:
             )
         return info
 
-    def ticket(self, model: str, job: Job, images: list[bytes]) -> Ticket:
+    def ticket(
+        self, model: str, job: Job, images: list[bytes], deadline: float | None = None
+    ) -> Ticket:
+        """A ticket for ``job`` on ``model``; ``deadline`` is a ``time.monotonic()``
+        instant by which it must end (see :func:`deadline_of`)."""
         request_id = uuid.uuid4().hex
         item = WorkItem(request_id=request_id, job=job, frames=len(images))
-        return Ticket(request_id=request_id, model=model, item=item, frames=images)
+        return Ticket(
+            request_id=request_id, model=model, item=item, frames=images, deadline=deadline
+        )
 
     async def events(self, ticket: Ticket) -> AsyncIterator[tuple[object, list[bytes]]]:
         """Queue ``ticket`` and yield its events up to and including the last one.
@@ -101,7 +108,14 @@ class Dispatcher:
             queue_seconds=queued,
             inference_seconds=inference_seconds,
             worker=ticket.worker or "",
+            batch_size=ticket.batch_size,
         )
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a ``time.monotonic()`` instant, None without one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 Request = TypeVar("Request")

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -38,6 +39,7 @@ from imago.workers.protocol import (
     RunBatch,
     Shutdown,
     TextResult,
+    batch_weight,
     encode,
     from_worker_decoder,
 )
@@ -86,6 +88,10 @@ class WorkerHandle:
     models: dict[str, ModelInfo] = field(default_factory=dict)
     state: str = "starting"  # starting | idle | busy | dead
     running: dict[str, Ticket] = field(default_factory=dict)
+    # Model and weight of the batch it is running, while busy.
+    batch: tuple[str, int] | None = None
+    # When it last became idle: the longest-idle worker gets the next batch.
+    idle_since: float = 0.0
 
     @property
     def identity(self) -> bytes:
@@ -195,14 +201,16 @@ class WorkerPool:
     # ------------------------------------------------- scheduler interface
 
     def idle_worker(self, model: str) -> str | None:
-        for worker in self._workers.values():
-            if worker.state == "idle" and model in worker.models:
-                return worker.worker_id
-        return None
+        idle = [w for w in self._workers.values() if w.state == "idle" and model in w.models]
+        if not idle:
+            return None
+        # Spread work: the worker that has waited longest goes first.
+        return min(idle, key=lambda w: w.idle_since).worker_id
 
     def run(self, worker_id: str, batch_id: int, model: str, tickets: list[Ticket]) -> None:
         worker = self._workers[worker_id]
         worker.state = "busy"
+        worker.batch = (model, sum(batch_weight(t.item.job) for t in tickets))
         frames: list[bytes] = []
         for ticket in tickets:
             worker.running[ticket.request_id] = ticket
@@ -239,6 +247,7 @@ class WorkerPool:
         if isinstance(message, Ready):
             worker.models = {info.name: info for info in message.models}
             worker.state = "idle"
+            worker.idle_since = time.monotonic()
             log.info("%s ready on %s (pid %d)", worker.worker_id, worker.device, message.pid)
             if self._startup and not self._startup.done():
                 if all(w.state != "starting" for w in self._workers.values()):
@@ -250,9 +259,14 @@ class WorkerPool:
             if self._startup and not self._startup.done():
                 self._startup.set_exception(StartupError(message.message))
         elif isinstance(message, BatchDone):
+            batch, worker.batch = worker.batch, None
             if worker.state == "busy":
                 worker.state = "idle"
-            self._scheduler.dispatch()
+                worker.idle_since = time.monotonic()
+            if batch is not None:
+                self._scheduler.batch_done(*batch)
+            else:
+                self._scheduler.dispatch()
         else:
             ticket = worker.running.get(message.request_id)
             if ticket is None:

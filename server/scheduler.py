@@ -1,8 +1,19 @@
-"""Per-model request queues and their hand-off to idle workers.
+"""Per-model request queues, dynamic batching and the hand-off to idle workers.
 
 A :class:`Ticket` is one request's life in the frontend: queued here, then
 running on a worker, with every event for it landing in ``ticket.events``.
-Queues are bounded; a full queue turns new requests away at once.
+
+Batching follows each model's :class:`BatchPolicy`. When a worker holding the
+model is idle, the oldest waiting request leads a batch and takes with it every
+later request whose :func:`batch_key` matches, up to ``max_batch_size``. A batch
+that is not full is held back for companions, at most ``max_batch_delay_ms``
+after its leader arrived, but only while the model is under load: when its
+last batch (dispatched or finished within :data:`RECENT_S`) was bigger than
+what is waiting now. A lone request on a quiet model therefore starts at once,
+and closed-loop clients returning from a big batch are gathered again.
+
+Queues are bounded; a full queue turns new requests away at once. A deadline
+ends a ticket wherever it is: taken out of its queue, or stopped on its worker.
 """
 
 from __future__ import annotations
@@ -17,10 +28,23 @@ from typing import Protocol
 import grpc
 
 from imago.server.errors import RequestError
-from imago.workers.protocol import Failed, ImageResult, TextResult, WorkItem
+from imago.workers.presets import BatchPolicy
+from imago.workers.protocol import (
+    Failed,
+    ImageResult,
+    TextResult,
+    WorkItem,
+    batch_key,
+    batch_weight,
+)
 
 # Messages after which a ticket gets no more events.
 TERMINAL = (TextResult, ImageResult, Failed)
+
+#: Seconds after its last batch during which a model counts as under load.
+RECENT_S = 1.0
+#: Policy of a model the scheduler was told nothing about: no batching.
+UNBATCHED = BatchPolicy(max_batch_size=1, max_batch_delay_ms=0.0)
 
 
 @dataclass(frozen=True)
@@ -36,21 +60,33 @@ class Ticket:
     model: str
     item: WorkItem
     frames: list[bytes]
+    # Monotonic time (asyncio's loop clock) by which the request must end.
+    deadline: float | None = None
     # (message, frames) pairs: protocol messages from the worker, QueuePosition.
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     worker: str | None = None
+    # Requests in the batch this ticket ran in, itself included.
+    batch_size: int = 0
     finished: bool = False
     _position: int = -1
+    _deadline_timer: asyncio.TimerHandle | None = None
 
     def deliver(self, message, frames: list[bytes] = ()) -> None:
         """Hand an event to whoever waits on this ticket; nothing after the last one."""
         if self.finished:
             return
         if isinstance(message, TERMINAL):
-            self.finished = True
+            self.finish()
         self.events.put_nowait((message, list(frames)))
+
+    def finish(self) -> None:
+        """Take no more events, and forget the deadline."""
+        self.finished = True
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
 
 
 class Workers(Protocol):
@@ -64,16 +100,23 @@ class Workers(Protocol):
 
 
 class Scheduler:
-    """FIFO queue per model; a batch goes to a worker as soon as one is idle."""
+    """FIFO queue per model; batches go to workers as soon as one is idle."""
 
-    def __init__(self, max_queue_size: int) -> None:
+    def __init__(self, max_queue_size: int, policies: dict[str, BatchPolicy] | None = None) -> None:
         self._max_queue_size = max_queue_size
+        self._policies = dict(policies or {})
         self._queues: dict[str, deque[Ticket]] = {}
         self._workers: Workers | None = None
         self._batch_ids = itertools.count(1)
+        # Per model: weight of its last batch and when it was dispatched or finished.
+        self._last_batch: dict[str, tuple[int, float]] = {}
+        self._wake_timers: dict[str, asyncio.TimerHandle] = {}
 
     def attach(self, workers: Workers) -> None:
         self._workers = workers
+
+    def policy(self, model: str) -> BatchPolicy:
+        return self._policies.get(model, UNBATCHED)
 
     def queue_depth(self, model: str) -> int:
         return len(self._queues.get(model, ()))
@@ -88,6 +131,9 @@ class Scheduler:
                 retry_after_s=1.0,
             )
         queue.append(ticket)
+        if ticket.deadline is not None:
+            loop = asyncio.get_running_loop()
+            ticket._deadline_timer = loop.call_at(ticket.deadline, self.expire, ticket)
         # Every accepted request hears its position first, even one that
         # starts at once: clients can rely on Queued preceding Started.
         self._report_positions(ticket.model)
@@ -95,13 +141,22 @@ class Scheduler:
 
     def cancel(self, ticket: Ticket) -> None:
         """Forget ``ticket``: drop it from its queue, or stop it on its worker."""
-        ticket.finished = True
-        queue = self._queues.get(ticket.model)
-        if queue is not None and ticket in queue:
-            queue.remove(ticket)
-            self._report_positions(ticket.model)
-        elif ticket.worker is not None and self._workers is not None:
+        ticket.finish()
+        if not self._unqueue(ticket) and ticket.worker is not None and self._workers:
             self._workers.cancel(ticket)
+
+    def expire(self, ticket: Ticket) -> None:
+        """End ``ticket`` with DEADLINE_EXCEEDED: a queued one never runs, a
+        running one is stopped on its worker at the next step."""
+        if ticket.finished:
+            return
+        if self._unqueue(ticket):
+            where = "while queued"
+        else:
+            where = "while running"
+            if ticket.worker is not None and self._workers:
+                self._workers.cancel(ticket)
+        ticket.deliver(Failed(ticket.request_id, "DEADLINE_EXCEEDED", f"deadline passed {where}"))
 
     def fail_queued(self, model: str, reason: str) -> None:
         """End every ticket queued for ``model`` with UNAVAILABLE (safe to retry)."""
@@ -109,24 +164,103 @@ class Scheduler:
         for ticket in queue:
             ticket.deliver(Failed(ticket.request_id, "UNAVAILABLE", reason))
 
+    def batch_done(self, model: str, weight: int) -> None:
+        """A batch of ``model`` finished; its clients may be about to return."""
+        self._last_batch[model] = (weight, time.monotonic())
+        self.dispatch()
+
     def dispatch(self) -> None:
-        """Give queued tickets to idle workers. Called on submit and whenever a
-        worker becomes free."""
+        """Give queued tickets to idle workers. Called on submit, whenever a
+        worker becomes free, and when a held-back batch has waited long enough."""
         if self._workers is None:
             return
         for model, queue in self._queues.items():
-            moved = False
+            moved = self._drop_expired(queue)
             while queue:
                 worker = self._workers.idle_worker(model)
                 if worker is None:
                     break
-                ticket = queue.popleft()
-                ticket.worker = worker
-                ticket.started_at = time.monotonic()
-                self._workers.run(worker, next(self._batch_ids), model, [ticket])
+                batch = self._take_batch(model, queue)
+                if not batch:
+                    break
+                now = time.monotonic()
+                for ticket in batch:
+                    ticket.worker = worker
+                    ticket.started_at = now
+                    ticket.batch_size = len(batch)
+                weight = sum(batch_weight(t.item.job) for t in batch)
+                self._last_batch[model] = (weight, now)
+                self._workers.run(worker, next(self._batch_ids), model, batch)
                 moved = True
             if moved:
                 self._report_positions(model)
+
+    # ------------------------------------------------------------ internals
+
+    def _take_batch(self, model: str, queue: deque[Ticket]) -> list[Ticket]:
+        """Remove and return the next batch from ``queue``; [] to wait for
+        companions (a timer then calls :meth:`dispatch` again)."""
+        head = queue[0]
+        limit = self.policy(model).max_batch_size
+        key = batch_key(head.item.job)
+        batch, weight = [head], batch_weight(head.item.job)
+        if key is not None:
+            for ticket in itertools.islice(queue, 1, None):
+                if weight >= limit:
+                    break
+                more = batch_weight(ticket.item.job)
+                if weight + more <= limit and batch_key(ticket.item.job) == key:
+                    batch.append(ticket)
+                    weight += more
+            if weight < limit and self._hold_back(model, head, weight):
+                return []
+        for ticket in batch:
+            queue.remove(ticket)
+        return batch
+
+    def _hold_back(self, model: str, head: Ticket, weight: int) -> bool:
+        """Whether a batch of ``weight`` led by ``head`` should wait for more."""
+        delay_s = self.policy(model).max_batch_delay_ms / 1000
+        now = time.monotonic()
+        release_at = head.enqueued_at + delay_s
+        if delay_s <= 0 or now >= release_at:
+            return False
+        last_weight, last_at = self._last_batch.get(model, (0, float("-inf")))
+        if now - last_at > RECENT_S or weight >= last_weight:
+            return False
+        timer = self._wake_timers.get(model)
+        if timer is None or timer.when() > release_at:
+            if timer is not None:
+                timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._wake_timers[model] = loop.call_at(release_at, self._wake, model)
+        return True
+
+    def _wake(self, model: str) -> None:
+        self._wake_timers.pop(model, None)
+        self.dispatch()
+
+    def _drop_expired(self, queue: deque[Ticket]) -> bool:
+        """End queued tickets whose deadline passed before their timer ran."""
+        now = time.monotonic()
+        expired = [t for t in queue if t.deadline is not None and t.deadline <= now]
+        for ticket in expired:
+            queue.remove(ticket)
+            ticket.deliver(
+                Failed(ticket.request_id, "DEADLINE_EXCEEDED", "deadline passed while queued")
+            )
+        return bool(expired)
+
+    def _unqueue(self, ticket: Ticket) -> bool:
+        """Take ``ticket`` out of its queue; False when it was not queued."""
+        queue = self._queues.get(ticket.model)
+        if queue is None or ticket not in queue:
+            return False
+        queue.remove(ticket)
+        self._report_positions(ticket.model)
+        # The ticket may have led a batch that was waiting for companions.
+        self.dispatch()
+        return True
 
     def _report_positions(self, model: str) -> None:
         for position, ticket in enumerate(self._queues.get(model, ())):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import grpc
 
-from imago.server.dispatch import Dispatcher, bulk
+from imago.server.dispatch import Dispatcher, bulk, deadline_of
 from imago.server.errors import RequestError, abort, from_failure
 from imago.server.images import check_image
 from imago.server.scheduler import QueuePosition
@@ -36,11 +37,13 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._d = dispatcher
 
-    async def caption(self, request: caption_pb2.CaptionRequest) -> caption_pb2.CaptionResponse:
+    async def caption(
+        self, request: caption_pb2.CaptionRequest, deadline: float | None = None
+    ) -> caption_pb2.CaptionResponse:
         model = self._d.model(CAPTION)
         job = caption_job(request, self._d.limits)
         image = await asyncio.to_thread(check_image, request.image, "image", self._d.limits)
-        ticket = self._d.ticket(model.name, job, [image])
+        ticket = self._d.ticket(model.name, job, [image], deadline)
         result = await self._d.text_result(ticket)
         return caption_pb2.CaptionResponse(
             captions=_texts(result),
@@ -50,15 +53,15 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
 
     async def Caption(self, request, context):
         try:
-            return await self.caption(request)
+            return await self.caption(request, deadline_of(context))
         except RequestError as error:
             await abort(context, error)
 
     async def CaptionStream(self, request_iterator, context):
         window = self._d.limits.max_stream_inflight
-        async for out in bulk(
-            request_iterator, self.caption, caption_pb2.CaptionStreamResponse, window
-        ):
+        # Every item of a stream shares the stream's deadline.
+        handle = functools.partial(self.caption, deadline=deadline_of(context))
+        async for out in bulk(request_iterator, handle, caption_pb2.CaptionStreamResponse, window):
             yield out
 
 
@@ -66,11 +69,13 @@ class VqaServicer(vqa_pb2_grpc.VqaServiceServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._d = dispatcher
 
-    async def ask(self, request: vqa_pb2.AskRequest) -> vqa_pb2.AskResponse:
+    async def ask(
+        self, request: vqa_pb2.AskRequest, deadline: float | None = None
+    ) -> vqa_pb2.AskResponse:
         model = self._d.model(VQA)
         job = vqa_job(request, self._d.limits)
         image = await asyncio.to_thread(check_image, request.image, "image", self._d.limits)
-        ticket = self._d.ticket(model.name, job, [image])
+        ticket = self._d.ticket(model.name, job, [image], deadline)
         result = await self._d.text_result(ticket)
         return vqa_pb2.AskResponse(
             answers=_texts(result),
@@ -80,13 +85,14 @@ class VqaServicer(vqa_pb2_grpc.VqaServiceServicer):
 
     async def Ask(self, request, context):
         try:
-            return await self.ask(request)
+            return await self.ask(request, deadline_of(context))
         except RequestError as error:
             await abort(context, error)
 
     async def AskStream(self, request_iterator, context):
         window = self._d.limits.max_stream_inflight
-        async for out in bulk(request_iterator, self.ask, vqa_pb2.AskStreamResponse, window):
+        handle = functools.partial(self.ask, deadline=deadline_of(context))
+        async for out in bulk(request_iterator, handle, vqa_pb2.AskStreamResponse, window):
             yield out
 
 
@@ -101,7 +107,7 @@ class ImageGenServicer(imagegen_pb2_grpc.ImageGenServiceServicer):
         except RequestError as error:
             await abort(context, error)
             return
-        ticket = self._d.ticket(model.name, job, [])
+        ticket = self._d.ticket(model.name, job, [], deadline_of(context))
         rid = ticket.request_id
         events = self._d.events(ticket)
         try:

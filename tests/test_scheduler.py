@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
 
 from imago.server.errors import RequestError
-from imago.server.scheduler import QueuePosition, Scheduler, Ticket
-from imago.workers.protocol import CaptionJob, Failed, TextSettings, WorkItem
+from imago.server.scheduler import RECENT_S, QueuePosition, Scheduler, Ticket
+from imago.workers.presets import BatchPolicy
+from imago.workers.protocol import (
+    CaptionJob,
+    Failed,
+    TextSettings,
+    TextToImageJob,
+    VqaJob,
+    WorkItem,
+)
 
 SETTINGS = TextSettings(30, 0, 1, False, 1.0, 1.0, 50, 1.0, 1, 1.0, 0)
+SAMPLED = TextSettings(30, 0, 1, True, 1.0, 1.0, 50, 1.0, 1, 1.0, 0)
 
 
 class FakeWorkers:
@@ -33,9 +43,25 @@ class FakeWorkers:
         self.cancelled.append(ticket.request_id)
 
 
-def ticket(request_id: str, model: str = "blip2") -> Ticket:
-    item = WorkItem(request_id, CaptionJob("", SETTINGS), frames=0)
-    return Ticket(request_id=request_id, model=model, item=item, frames=[])
+def ticket(request_id: str, model: str = "blip2", job=None, deadline=None) -> Ticket:
+    item = WorkItem(request_id, job or CaptionJob("", SETTINGS), frames=0)
+    return Ticket(request_id=request_id, model=model, item=item, frames=[], deadline=deadline)
+
+
+def image_job(size: int = 64, num_images: int = 1, seed: int = 0) -> TextToImageJob:
+    return TextToImageJob("a fox", "", size, size, 4, 7.5, seed, num_images, "PNG", 0, "JPEG", 256)
+
+
+def batching(max_batch_size: int = 8, max_batch_delay_ms: float = 0.0) -> Scheduler:
+    policy = BatchPolicy(max_batch_size, max_batch_delay_ms)
+    return Scheduler(max_queue_size=64, policies={"blip2": policy, "sd": policy})
+
+
+def last_event(t: Ticket):
+    message = None
+    while not t.events.empty():
+        message, _ = t.events.get_nowait()
+    return message
 
 
 def positions(t: Ticket) -> list[int]:
@@ -161,3 +187,200 @@ def test_nothing_reaches_a_ticket_after_its_last_event():
     t.deliver(Failed("a", "CANCELLED", "gone"))
     t.deliver(QueuePosition(3))
     assert t.events.qsize() == 1
+
+
+# ------------------------------------------------------------------ batching
+
+
+def test_compatible_requests_that_queued_while_busy_run_as_one_batch():
+    async def scenario():
+        scheduler, workers = batching(), FakeWorkers(free=0)
+        scheduler.attach(workers)
+        tickets = [ticket("a"), ticket("b", job=VqaJob("why?", SETTINGS)), ticket("c")]
+        for t in tickets:
+            scheduler.submit(t)
+        workers.free = 1
+        scheduler.dispatch()
+        return workers, tickets
+
+    workers, tickets = run(scenario)
+    assert workers.ran == [("worker-0", ["a", "b", "c"])]
+    assert [t.batch_size for t in tickets] == [3, 3, 3]
+
+
+def test_seeds_do_not_split_a_greedy_batch():
+    async def scenario():
+        scheduler, workers = batching(), FakeWorkers(free=0)
+        scheduler.attach(workers)
+        for i in range(3):
+            job = CaptionJob("", TextSettings(30, 0, 1, False, 1.0, 1.0, 50, 1.0, 1, 1.0, i))
+            scheduler.submit(ticket(f"r{i}", job=job))
+        workers.free = 1
+        scheduler.dispatch()
+        return workers
+
+    assert run(scenario).ran == [("worker-0", ["r0", "r1", "r2"])]
+
+
+def test_the_oldest_request_leads_and_incompatible_ones_wait_their_turn():
+    async def scenario():
+        scheduler, workers = batching(), FakeWorkers(free=0)
+        scheduler.attach(workers)
+        beams = TextSettings(30, 0, 3, False, 1.0, 1.0, 50, 1.0, 1, 1.0, 0)
+        scheduler.submit(ticket("greedy-1"))
+        scheduler.submit(ticket("beam", job=CaptionJob("", beams)))
+        scheduler.submit(ticket("greedy-2"))
+        workers.free = 2
+        scheduler.dispatch()
+        return workers
+
+    assert run(scenario).ran == [("worker-0", ["greedy-1", "greedy-2"]), ("worker-0", ["beam"])]
+
+
+def test_sampled_requests_always_run_alone():
+    async def scenario():
+        scheduler, workers = batching(), FakeWorkers(free=0)
+        scheduler.attach(workers)
+        scheduler.submit(ticket("s1", job=CaptionJob("", SAMPLED)))
+        scheduler.submit(ticket("s2", job=CaptionJob("", SAMPLED)))
+        workers.free = 2
+        scheduler.dispatch()
+        return workers
+
+    assert run(scenario).ran == [("worker-0", ["s1"]), ("worker-0", ["s2"])]
+
+
+def test_a_batch_holds_at_most_max_batch_size_requests():
+    async def scenario():
+        scheduler, workers = batching(max_batch_size=2), FakeWorkers(free=0)
+        scheduler.attach(workers)
+        for name in "abcde":
+            scheduler.submit(ticket(name))
+        workers.free = 3
+        scheduler.dispatch()
+        return workers
+
+    assert [ids for _, ids in run(scenario).ran] == [["a", "b"], ["c", "d"], ["e"]]
+
+
+def test_image_batches_count_images_and_need_the_same_shape_and_schedule():
+    async def scenario():
+        scheduler, workers = batching(max_batch_size=4), FakeWorkers(free=0)
+        scheduler.attach(workers)
+        scheduler.submit(ticket("two", "sd", image_job(num_images=2)))
+        scheduler.submit(ticket("bigger", "sd", image_job(size=128)))
+        scheduler.submit(ticket("three", "sd", image_job(num_images=3)))
+        scheduler.submit(ticket("one", "sd", image_job(seed=9)))
+        workers.free = 3
+        scheduler.dispatch()
+        return workers
+
+    # "three" would make five images; "one" still fits beside "two".
+    assert [ids for _, ids in run(scenario).ran] == [["two", "one"], ["bigger"], ["three"]]
+
+
+def test_a_lone_request_on_a_quiet_model_starts_at_once():
+    async def scenario():
+        scheduler, workers = batching(max_batch_delay_ms=10_000), FakeWorkers(free=1)
+        scheduler.attach(workers)
+        scheduler.submit(ticket("a"))
+        return workers
+
+    assert run(scenario).ran == [("worker-0", ["a"])]
+
+
+def test_under_load_a_short_batch_waits_for_companions_at_most_the_delay():
+    async def scenario():
+        scheduler, workers = batching(max_batch_delay_ms=50), FakeWorkers(free=0)
+        scheduler.attach(workers)
+        scheduler.batch_done("blip2", 8)  # a batch of 8 just finished
+        workers.free = 2
+        scheduler.submit(ticket("a"))
+        held = list(workers.ran)
+        scheduler.submit(ticket("b"))
+        await asyncio.sleep(0.2)
+        return held, workers
+
+    held, workers = run(scenario)
+    assert held == []
+    assert workers.ran == [("worker-0", ["a", "b"])]
+
+
+def test_a_held_batch_goes_as_soon_as_it_is_as_big_as_the_last_one():
+    async def scenario():
+        scheduler, workers = batching(max_batch_delay_ms=10_000), FakeWorkers(free=0)
+        scheduler.attach(workers)
+        scheduler.batch_done("blip2", 2)
+        workers.free = 1
+        scheduler.submit(ticket("a"))
+        scheduler.submit(ticket("b"))
+        return workers
+
+    assert run(scenario).ran == [("worker-0", ["a", "b"])]
+
+
+def test_load_long_past_does_not_hold_a_request_back(monkeypatch):
+    async def scenario():
+        scheduler, workers = batching(max_batch_delay_ms=10_000), FakeWorkers(free=0)
+        scheduler.attach(workers)
+        scheduler.batch_done("blip2", 8)
+        now = time.monotonic()
+        monkeypatch.setattr(time, "monotonic", lambda: now + RECENT_S + 1)
+        workers.free = 1
+        scheduler.submit(ticket("a"))
+        return workers
+
+    assert run(scenario).ran == [("worker-0", ["a"])]
+
+
+# ------------------------------------------------------------------ deadlines
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_never_runs():
+    async def scenario():
+        scheduler, workers = batching(), FakeWorkers(free=0)
+        scheduler.attach(workers)
+        late = ticket("late", deadline=time.monotonic() + 0.05)
+        behind = ticket("behind")
+        scheduler.submit(late)
+        scheduler.submit(behind)
+        await asyncio.sleep(0.15)
+        workers.free = 1
+        scheduler.dispatch()
+        return workers, late, behind
+
+    workers, late, behind = run(scenario)
+    failure = last_event(late)
+    assert isinstance(failure, Failed) and failure.code == "DEADLINE_EXCEEDED"
+    assert workers.ran == [("worker-0", ["behind"])]
+    assert positions(behind) == [1, 0]
+
+
+def test_a_deadline_passing_while_running_stops_the_request_on_its_worker():
+    async def scenario():
+        scheduler, workers = batching(), FakeWorkers(free=1)
+        scheduler.attach(workers)
+        running = ticket("running", deadline=time.monotonic() + 0.05)
+        scheduler.submit(running)
+        await asyncio.sleep(0.15)
+        return workers, running
+
+    workers, running = run(scenario)
+    assert workers.cancelled == ["running"]
+    failure = last_event(running)
+    assert isinstance(failure, Failed) and failure.code == "DEADLINE_EXCEEDED"
+
+
+def test_a_finished_request_forgets_its_deadline():
+    async def scenario():
+        scheduler, workers = batching(), FakeWorkers(free=1)
+        scheduler.attach(workers)
+        done = ticket("done", deadline=time.monotonic() + 0.05)
+        scheduler.submit(done)
+        done.deliver(Failed("done", "CANCELLED", "gone"))
+        await asyncio.sleep(0.15)
+        return workers, done
+
+    workers, done = run(scenario)
+    assert workers.cancelled == []
+    assert last_event(done).code == "CANCELLED"

@@ -55,18 +55,20 @@ class GenerationSettings(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., num_beams: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., num_return_sequences: _Optional[int] = ..., length_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ResponseInfo(_message.Message):
-    __slots__ = ("request_id", "model", "queue_seconds", "inference_seconds", "worker")
+    __slots__ = ("request_id", "model", "queue_seconds", "inference_seconds", "worker", "batch_size")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     queue_seconds: float
     inference_seconds: float
     worker: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., inference_seconds: _Optional[float] = ..., worker: _Optional[str] = ...) -> None: ...
+    batch_size: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., inference_seconds: _Optional[float] = ..., worker: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "message", "field")
