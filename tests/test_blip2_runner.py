@@ -279,3 +279,30 @@ def test_info_reports_text_positions_left_after_image_tokens(runner):
     info = runner.info()
     assert info.family == "blip2"
     assert info.max_prompt_tokens == tiny_blip2.MAX_POSITIONS - tiny_blip2.NUM_QUERY_TOKENS
+
+
+def test_captions_and_questions_with_different_seeds_share_one_call(runner, monkeypatch):
+    calls = []
+    generate = runner.model.generate
+    monkeypatch.setattr(runner.model, "generate", lambda **kw: calls.append(1) or generate(**kw))
+    requests = [
+        Request("caption", CaptionJob("", settings(max_new_tokens=6, seed=1)), [png(image(7))]),
+        Request("vqa", VqaJob("why?", settings(max_new_tokens=6, seed=2)), [png(image(8))]),
+    ]
+    sink = FakeSink()
+    runner.run(requests, sink)
+    assert len(calls) == 1
+    assert set(sink.results) == {"caption", "vqa"}
+
+
+def test_a_member_cancelled_mid_batch_ends_and_the_others_equal_their_solo_runs(runner):
+    job = CaptionJob("", settings(max_new_tokens=12, min_new_tokens=12))
+    requests = [Request(name, job, [png(image(20 + i))]) for i, name in enumerate("abc")]
+    sink = FakeSink(cancel_after={"b": 3})
+    runner.run(requests, sink)
+    assert sink.failures["b"][0] == "CANCELLED"
+    assert "b" not in sink.results
+    for request in (requests[0], requests[2]):
+        alone = FakeSink()
+        runner.run([request], alone)
+        assert sink.results[request.request_id][0].text == alone.results[request.request_id][0].text

@@ -1,8 +1,9 @@
 """BLIP-2 captioning and visual question answering.
 
-Requests of a batch that share their generation settings run as one left-padded
-``generate`` call. Sampled requests always run alone: a seed then gives the same
-text whatever else happened to be batched with it.
+Requests of a batch with the same :func:`batch_key` (their generation settings,
+seed aside) run as one left-padded ``generate`` call, captions and questions
+mixed. Sampled requests always run alone: a seed then gives the same text
+whatever else happened to be batched with it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor, StoppingCriteria
 from transformers.generation.utils import GenerateOutput
 
-from imago.workers.protocol import CaptionJob, GeneratedText, ModelInfo, TextSettings, VqaJob
+from imago.workers.protocol import (
+    CaptionJob,
+    GeneratedText,
+    ModelInfo,
+    TextSettings,
+    VqaJob,
+    batch_key,
+)
 from imago.workers.runner import EventSink, Request, Runner
 
 IMAGE_TOKEN = "<image>"
@@ -37,7 +45,8 @@ class _Item:
 
 
 class _StopWhenCancelled(StoppingCriteria):
-    """Stops generation once every request of the call was cancelled."""
+    """Ends the rows of cancelled requests, so they stop growing, and the whole
+    call once every request of it was cancelled."""
 
     def __init__(self, sink: EventSink, request_ids: Sequence[str]) -> None:
         self.sink = sink
@@ -46,12 +55,11 @@ class _StopWhenCancelled(StoppingCriteria):
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs
     ) -> torch.BoolTensor:
-        # Ask about every request (no short circuit) so each one's control
-        # messages are drained.
-        cancelled = [self.sink.is_cancelled(rid) for rid in self.request_ids]
-        return torch.full(
-            (input_ids.shape[0],), all(cancelled), dtype=torch.bool, device=input_ids.device
-        )
+        cancelled = torch.tensor([self.sink.is_cancelled(rid) for rid in self.request_ids])
+        # Rows are request-major in every decoding strategy: each request owns
+        # the same number of consecutive rows (its beams or return sequences).
+        per_request = input_ids.shape[0] // len(self.request_ids)
+        return cancelled.repeat_interleave(per_request).to(input_ids.device)
 
 
 def vqa_prompt(question: str) -> str:
@@ -132,7 +140,7 @@ class Blip2Runner(Runner):
             item = self._prepare(request, sink)
             if item is None:
                 continue
-            key = (item.settings, item.request_id) if item.settings.do_sample else item.settings
+            key = batch_key(request.job) or item.request_id
             groups.setdefault(key, []).append(item)
         for items in groups.values():
             self._run_group(items, sink)
@@ -197,7 +205,7 @@ class Blip2Runner(Runner):
                 sink.failed(item.request_id, "CANCELLED", "cancelled by client")
             else:
                 mine = texts[index * n : (index + 1) * n]
-                sink.text_result(item.request_id, mine, settings.seed, elapsed)
+                sink.text_result(item.request_id, mine, item.settings.seed, elapsed)
 
     @torch.inference_mode()
     def _generate(

@@ -134,7 +134,7 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def _load_runners(specs: list[ModelSpec], device: str, cache_dir: str | None) -> dict:
+def load_runners(specs: list[ModelSpec], device: str, cache_dir: str | None) -> dict:
     from imago.workers import tiny
 
     runners = {}
@@ -211,7 +211,7 @@ def run_worker(
     try:
         started = time.monotonic()
         try:
-            runners = _load_runners(specs, device, cache_dir)
+            runners = load_runners(specs, device, cache_dir)
         except Exception as exc:
             log.error("loading failed:\n%s", traceback.format_exc())
             channel.send(LoadFailed(worker_id, str(exc)))
