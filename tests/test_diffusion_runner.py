@@ -34,9 +34,11 @@ def runner(checkpoint: Path) -> StableDiffusionRunner:
 
 @dataclass
 class RecordingSink:
-    """Records every event; reports a cancel once ``cancel_after`` steps ran."""
+    """Records every event; reports a cancel once ``cancel_after`` steps ran,
+    for every request or only for those in ``cancel_ids``."""
 
     cancel_after: int | None = None
+    cancel_ids: set[str] | None = None
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def _record(self, kind: str, **values: Any) -> None:
@@ -81,6 +83,8 @@ class RecordingSink:
         self._record("failed", request_id=request_id, code=code, message=message, field=field)
 
     def is_cancelled(self, request_id: str) -> bool:
+        if self.cancel_ids is not None and request_id not in self.cancel_ids:
+            return False
         steps = [p["step"] for p in self.of("progress") if p["request_id"] == request_id]
         return self.cancel_after is not None and max(steps, default=0) >= self.cancel_after
 
@@ -113,6 +117,50 @@ def generate(runner: StableDiffusionRunner, sink: RecordingSink | None = None, *
 
 def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def events_of(sink: RecordingSink, request_id: str) -> list[str]:
+    return [name for name, values in sink.events if values["request_id"] == request_id]
+
+
+def run_alone(runner: StableDiffusionRunner, job: TextToImageJob) -> list[tuple[ImageMeta, bytes]]:
+    sink = RecordingSink()
+    runner.run([Request("alone", job)], sink)
+    (result,) = sink.of("image_result")
+    return result["images"]
+
+
+def assert_same_images(got: list[tuple[ImageMeta, bytes]], expected: list[tuple[ImageMeta, bytes]]):
+    """Same metadata and pixels within 1/255: batching may change float rounding."""
+    assert [meta for meta, _ in got] == [meta for meta, _ in expected]
+    for (_, data), (_, wanted) in zip(got, expected, strict=True):
+        assert np.abs(pixels(data) - pixels(wanted)).max() <= 1
+
+
+@pytest.fixture
+def pipeline_calls(runner: StableDiffusionRunner, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts pipeline calls; each entry is the number of prompts of one call."""
+    calls: list[int] = []
+    # Dunder lookup goes through the type, so the class attribute is patched.
+    pipeline_type = type(runner.pipe)
+    call = pipeline_type.__call__
+
+    def counting(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(kwargs["prompt"]))
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_type, "__call__", counting)
+    return calls
+
+
+def mixed_batch(**changes: Any) -> dict[str, TextToImageJob]:
+    """Three compatible requests; the first has two images, so the others sit
+    at rows 2 and 3 of a shared call."""
+    return {
+        "a": make_job(prompt="a red house", seed=10, num_images=2, **changes),
+        "b": make_job(prompt="a blue boat", negative_prompt="blurry", seed=20, **changes),
+        "c": make_job(prompt="a green tree", seed=30, output_format="WEBP", **changes),
+    }
 
 
 def test_build_is_deterministic(checkpoint: Path, tmp_path: Path) -> None:
@@ -298,3 +346,130 @@ def test_the_shared_scheduler_is_left_untouched(runner: StableDiffusionRunner) -
     generate(runner, steps=2, preview_every=1)
     assert runner.pipe.scheduler is before
     assert "step" not in vars(before)
+
+
+def test_compatible_requests_share_one_pipeline_call(
+    runner: StableDiffusionRunner, pipeline_calls: list[int]
+) -> None:
+    jobs = {
+        "a": make_job(prompt="a red house", seed=10, num_images=1),
+        "b": make_job(prompt="a blue boat", negative_prompt="blurry", seed=20, num_images=2),
+        "c": make_job(prompt="a green tree", seed=30, num_images=1),
+    }
+    sink = RecordingSink()
+    runner.run([Request(rid, job) for rid, job in jobs.items()], sink)
+    assert pipeline_calls == [4]
+    results = {r["request_id"]: r for r in sink.of("image_result")}
+    assert list(results) == ["a", "b", "c"]
+    assert [meta.seed for meta, _ in results["b"]["images"]] == [20, 21]
+    assert len({r["seconds"] for r in results.values()}) == 1  # the group's wall time
+    for rid, job in jobs.items():
+        assert_same_images(results[rid]["images"], run_alone(runner, job))
+
+
+def test_each_member_has_its_own_events_and_previews(runner: StableDiffusionRunner) -> None:
+    jobs = mixed_batch(steps=4)
+    jobs["a"] = msgspec.structs.replace(jobs["a"], preview_every=2, preview_format="WEBP")
+    jobs["b"] = msgspec.structs.replace(jobs["b"], preview_every=1)
+    sink = RecordingSink()
+    runner.run([Request(rid, job) for rid, job in jobs.items()], sink)
+
+    assert sink.of("started") == [{"request_id": rid, "total_steps": 4} for rid in jobs]
+    previews: dict[str, list[dict[str, Any]]] = {}
+    for rid in jobs:
+        progress = [p for p in sink.of("progress") if p["request_id"] == rid]
+        assert [(p["step"], p["total"]) for p in progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+        previews[rid] = [p for p in sink.of("preview") if p["request_id"] == rid]
+        assert events_of(sink, rid)[-1] == "image_result"
+    assert [p["step"] for p in previews["a"]] == [2, 4]
+    assert [p["step"] for p in previews["b"]] == [1, 2, 3, 4]
+    assert previews["c"] == []
+    assert {p["mime_type"] for p in previews["a"]} == {"image/webp"}
+    assert {p["mime_type"] for p in previews["b"]} == {"image/png"}
+    assert all(p["image_index"] == 0 for p in previews["a"] + previews["b"])
+    # Each stream shows its own image 0: b's is not a's, and it is what b alone shows.
+    assert np.abs(pixels(previews["a"][-1]["data"]) - pixels(previews["b"][-1]["data"])).max() > 8
+    alone = RecordingSink()
+    runner.run([Request("b", jobs["b"])], alone)
+    for got, expected in zip(previews["b"], alone.of("preview"), strict=True):
+        assert np.abs(pixels(got["data"]) - pixels(expected["data"])).max() <= 1
+
+
+def test_member_cancelled_mid_run_ends_alone(
+    runner: StableDiffusionRunner, pipeline_calls: list[int]
+) -> None:
+    jobs = mixed_batch(steps=5, preview_every=1)
+    sink = RecordingSink(cancel_after=2, cancel_ids={"b"})
+    runner.run([Request(rid, job) for rid, job in jobs.items()], sink)
+    assert pipeline_calls == [4]
+
+    assert [(f["request_id"], f["code"]) for f in sink.of("failed")] == [("b", "CANCELLED")]
+    assert events_of(sink, "b")[-1] == "failed"  # nothing after its failure
+    assert max(p["step"] for p in sink.of("progress") if p["request_id"] == "b") == 2
+    results = {r["request_id"]: r["images"] for r in sink.of("image_result")}
+    assert list(results) == ["a", "c"]
+    for rid in results:
+        steps = [p["step"] for p in sink.of("progress") if p["request_id"] == rid]
+        assert steps == [1, 2, 3, 4, 5]
+        assert_same_images(results[rid], run_alone(runner, jobs[rid]))
+
+
+def test_whole_group_cancelled_stops_before_decoding(
+    runner: StableDiffusionRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decodes = []
+    decode = runner.pipe.vae.decode
+    monkeypatch.setattr(
+        runner.pipe.vae, "decode", lambda *a, **k: decodes.append(1) or decode(*a, **k)
+    )
+    jobs = mixed_batch(steps=10)
+    sink = RecordingSink(cancel_after=2)
+    runner.run([Request(rid, job) for rid, job in jobs.items()], sink)
+    assert decodes == []
+    assert sink.of("image_result") == []
+    assert [(f["request_id"], f["code"]) for f in sink.of("failed")] == [
+        (rid, "CANCELLED") for rid in jobs
+    ]
+    assert max(p["step"] for p in sink.of("progress")) == 2
+
+
+def test_incompatible_requests_run_in_separate_calls(
+    runner: StableDiffusionRunner, pipeline_calls: list[int]
+) -> None:
+    settings = TextSettings(20, 0, 1, False, 1.0, 1.0, 0, 1.0, 1, 1.0, 0)
+    batch = [
+        Request("wide", make_job(width=64, height=32, steps=2)),
+        Request("caption", CaptionJob(prefix="", settings=settings)),
+        Request("tall", make_job(width=32, height=48, steps=3, num_images=2)),
+        Request("wide2", make_job(width=64, height=32, steps=2, seed=5)),
+    ]
+    sink = RecordingSink()
+    runner.run(batch, sink)
+    assert pipeline_calls == [2, 2]
+    assert [(f["request_id"], f["code"]) for f in sink.of("failed")] == [
+        ("caption", "INVALID_ARGUMENT")
+    ]
+    results = {r["request_id"]: r["images"] for r in sink.of("image_result")}
+    assert sorted(results) == ["tall", "wide", "wide2"]
+    for request in batch:
+        if request.request_id in results:
+            job = request.job
+            sizes = [(meta.width, meta.height) for meta, _ in results[request.request_id]]
+            assert sizes == [(job.width, job.height)] * job.num_images
+    totals = {s["request_id"]: s["total_steps"] for s in sink.of("started")}
+    assert totals == {"wide": 2, "tall": 3, "wide2": 2}
+
+
+def test_a_failing_call_fails_every_unfinished_member(
+    runner: StableDiffusionRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(runner.pipe.vae, "decode", broken)
+    jobs = mixed_batch(steps=2)
+    sink = RecordingSink(cancel_after=0, cancel_ids={"c"})
+    runner.run([Request(rid, job) for rid, job in jobs.items()], sink)
+    failures = [(f["request_id"], f["code"]) for f in sink.of("failed")]
+    assert failures == [("c", "CANCELLED"), ("a", "INTERNAL"), ("b", "INTERNAL")]
+    assert "decoder exploded" in sink.of("failed")[1]["message"]

@@ -1,10 +1,18 @@
 """Stable Diffusion text-to-image through diffusers' StableDiffusionPipeline.
 
-Each request runs the stock pipeline with one CPU ``torch.Generator`` per
-image seeded ``seed + i``, so image i is the same whatever else is in the
-batch and equals what diffusers gives when called directly. A step callback
-reports progress, sends previews of image 0 and stops cancelled requests
-before the VAE decode.
+The frontend batches requests whose :func:`~imago.workers.protocol.batch_key`
+agrees (same size, step count and guidance scale); their prompts, seeds, image
+counts and formats may differ. The runner regroups a batch by that key (it
+does not trust the frontend to have done so) and runs each group in one
+pipeline call: every image of every request becomes one row of the call, with
+its own prompt, negative prompt and CPU ``torch.Generator`` seeded
+``seed + i``. Image i of a request is therefore the same whatever else shares
+the call, and equals what diffusers gives when called directly.
+
+A step callback keeps one event stream per request: progress, previews of the
+request's own image 0 and cancellation. A cancelled request ends at once while
+the rest of its group runs on; when every request of a group is cancelled the
+call stops before the VAE decode.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +38,7 @@ from imago.workers.previews import (
     mime_type,
     preview_size,
 )
-from imago.workers.protocol import ImageMeta, ModelInfo, TextToImageJob
+from imago.workers.protocol import ImageMeta, ModelInfo, TextToImageJob, batch_key
 from imago.workers.runner import Cancelled, EventSink, Request, Runner
 
 logger = logging.getLogger(__name__)
@@ -40,54 +49,89 @@ OUTPUT_QUALITY = 95
 PREVIEW_QUALITY = 85
 
 
+@dataclass
+class _Member:
+    """One request of a group call and where its images sit in it."""
+
+    request_id: str
+    job: TextToImageJob
+    #: Index of the request's image 0 among the rows of the group call.
+    row: int = 0
+    #: True once the request got its result or failure: it gets no more events.
+    finished: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
 class _StepReporter:
-    """The pipeline's ``callback_on_step_end`` for one request: checks for
-    cancellation, reports progress and sends previews.
+    """The pipeline's ``callback_on_step_end`` for one group call: checks
+    every live request for cancellation, reports progress and sends previews.
 
     Steps are counted the way diffusers' own progress bar counts them, so the
-    last step is ``job.steps`` even for schedulers that run more model calls
-    than steps (PNDM repeats its first timestep; second-order schedulers call
-    the model twice per step).
+    last step is ``steps`` even for schedulers that run more model calls than
+    steps (PNDM repeats its first timestep; second-order schedulers call the
+    model twice per step). Members share the step count: their batch key fixes it.
     """
 
     def __init__(
-        self, request_id: str, job: TextToImageJob, sink: EventSink, capture: X0Capture
+        self, members: list[_Member], steps: int, sink: EventSink, capture: X0Capture
     ) -> None:
-        self.request_id = request_id
-        self.job = job
+        self.members = members
+        self.steps = steps
         self.sink = sink
         self.capture = capture
         self.steps_done = 0
         self.started_at = time.perf_counter()
 
+    def live(self) -> list[_Member]:
+        return [member for member in self.members if not member.finished]
+
     def __call__(
         self, pipe: StableDiffusionPipeline, i: int, t: Any, kwargs: dict[str, Any]
     ) -> dict[str, Any]:
-        if self.sink.is_cancelled(self.request_id):
-            raise Cancelled(f"cancelled after {self.steps_done} of {self.job.steps} steps")
+        message = f"cancelled after {self.steps_done} of {self.steps} steps"
+        for member in self.live():
+            if self.sink.is_cancelled(member.request_id):
+                # Its rows go on being computed with the others' (dropping rows
+                # mid-call is not something the pipeline supports); only its
+                # events stop.
+                member.finished = True
+                self.sink.failed(member.request_id, "CANCELLED", message)
+        live = self.live()
+        if not live:
+            # Nobody wants the result: skip the remaining steps and the decode.
+            raise Cancelled(message)
         calls, order = pipe.num_timesteps, pipe.scheduler.order
-        warmup = calls - self.job.steps * order
+        warmup = calls - self.steps * order
         if i == calls - 1 or (i + 1 > warmup and (i + 1) % order == 0):
             self.steps_done += 1
             elapsed = time.perf_counter() - self.started_at
-            self.sink.progress(self.request_id, self.steps_done, self.job.steps, elapsed)
-            every = self.job.preview_every
-            if every > 0 and self.steps_done % every == 0:
-                self._preview()
+            x0: torch.Tensor | None = None
+            for member in live:
+                self.sink.progress(member.request_id, self.steps_done, self.steps, elapsed)
+                every = member.job.preview_every
+                if every > 0 and self.steps_done % every == 0:
+                    # x0 of the whole call, computed at most once per step.
+                    x0 = self.capture.x0() if x0 is None else x0
+                    if x0 is not None:
+                        self._preview(member, x0)
         return kwargs
 
-    def _preview(self) -> None:
-        x0 = self.capture.x0()
-        if x0 is None:
-            return
-        # Image 0 only, as ComfyUI does: one preview stream per request. It is
-        # shown where the final image will be, so it takes the output's shape.
-        size = preview_size(self.job.width, self.job.height, self.job.preview_max_size)
-        image = latents_to_rgb(x0[0]).resize(size, Image.Resampling.BILINEAR)
-        fmt = self.job.preview_format
-        data = encode_image(image, fmt, quality=PREVIEW_QUALITY)
+    def _preview(self, member: _Member, x0: torch.Tensor) -> None:
+        # The request's image 0 only, as ComfyUI does: one preview stream per
+        # request. It is shown where the final image will be, so it takes the
+        # output's shape.
+        job = member.job
+        size = preview_size(job.width, job.height, job.preview_max_size)
+        image = latents_to_rgb(x0[member.row]).resize(size, Image.Resampling.BILINEAR)
+        data = encode_image(image, job.preview_format, quality=PREVIEW_QUALITY)
         self.sink.preview(
-            self.request_id, self.steps_done, 0, data, mime_type(fmt), image.width, image.height
+            member.request_id,
+            self.steps_done,
+            0,
+            data,
+            mime_type(job.preview_format),
+            image.width,
+            image.height,
         )
 
 
@@ -131,69 +175,97 @@ class StableDiffusionRunner(Runner):
         )
 
     def run(self, batch: list[Request], sink: EventSink) -> None:
-        # One pipeline call per request: requests differ in prompt, size and
-        # step count, and per-image generators already make results
-        # independent of batching.
+        # Requests whose batch key agrees share one pipeline call; the others
+        # run in calls of their own, one group after the other in batch order.
+        groups: dict[tuple | None, list[_Member]] = {}
         for request in batch:
+            rid, job = request.request_id, request.job
+            if not isinstance(job, TextToImageJob):
+                sink.failed(rid, "INVALID_ARGUMENT", f"{self.name} runs text_to_image jobs only")
+                continue
+            groups.setdefault(batch_key(job), []).append(_Member(rid, job))
+        for members in groups.values():
             try:
-                self._run_one(request, sink)
+                self._run_group(members, sink)
             except torch.cuda.OutOfMemoryError as exc:
                 torch.cuda.empty_cache()
-                sink.failed(request.request_id, "RESOURCE_EXHAUSTED", f"out of memory: {exc}")
+                self._fail_unfinished(members, sink, "RESOURCE_EXHAUSTED", f"out of memory: {exc}")
             except Exception as exc:
-                logger.exception("request %s failed", request.request_id)
-                sink.failed(request.request_id, "INTERNAL", f"{type(exc).__name__}: {exc}")
+                ids = ", ".join(member.request_id for member in members)
+                logger.exception("requests %s failed", ids)
+                self._fail_unfinished(members, sink, "INTERNAL", f"{type(exc).__name__}: {exc}")
 
-    def _run_one(self, request: Request, sink: EventSink) -> None:
-        rid, job = request.request_id, request.job
-        if not isinstance(job, TextToImageJob):
-            sink.failed(rid, "INVALID_ARGUMENT", f"{self.name} runs text_to_image jobs only")
+    @staticmethod
+    def _fail_unfinished(members: list[_Member], sink: EventSink, code: str, message: str) -> None:
+        """End every member that has not had its result or failure yet."""
+        for member in members:
+            if not member.finished:
+                member.finished = True
+                sink.failed(member.request_id, code, message)
+
+    def _run_group(self, members: list[_Member], sink: EventSink) -> None:
+        """Run ``members`` (requests with equal batch keys) in one pipeline call."""
+        for member in members:
+            if sink.is_cancelled(member.request_id):
+                member.finished = True
+                sink.failed(member.request_id, "CANCELLED", "cancelled before it started")
+        members = [member for member in members if not member.finished]
+        if not members:
             return
-        if sink.is_cancelled(rid):
-            sink.failed(rid, "CANCELLED", "cancelled before it started")
-            return
-        sink.started(rid, total_steps=job.steps)
-        warnings = self._truncation_warnings(job)
+        # Rows follow request order, each request's images in seed order.
+        row = 0
+        for member in members:
+            member.row, row = row, row + member.job.num_images
+            sink.started(member.request_id, total_steps=member.job.steps)
+            member.warnings = self._truncation_warnings(member.job)
+        rows = [(member.job, i) for member in members for i in range(member.job.num_images)]
+        job = members[0].job  # size, steps and guidance agree across the group
         capture = X0Capture(self.pipe.scheduler)
-        reporter = _StepReporter(rid, job, sink, capture)
-        generators = [
-            torch.Generator("cpu").manual_seed(job.seed + i) for i in range(job.num_images)
-        ]
+        reporter = _StepReporter(members, job.steps, sink, capture)
         try:
             with self._scheduler(capture.scheduler):
                 output = self.pipe(
-                    prompt=job.prompt,
-                    negative_prompt=job.negative_prompt or None,
+                    prompt=[row_job.prompt for row_job, _ in rows],
+                    # diffusers treats a missing negative prompt as "".
+                    negative_prompt=[row_job.negative_prompt for row_job, _ in rows],
                     width=job.width,
                     height=job.height,
                     num_inference_steps=job.steps,
                     guidance_scale=job.guidance_scale,
-                    num_images_per_prompt=job.num_images,
-                    generator=generators,
+                    num_images_per_prompt=1,
+                    generator=[
+                        torch.Generator("cpu").manual_seed(row_job.seed + i) for row_job, i in rows
+                    ],
                     callback_on_step_end=reporter,
                 )
-        except Cancelled as exc:
-            sink.failed(rid, "CANCELLED", str(exc))
-            return
+        except Cancelled:
+            return  # every member was failed as it was cancelled
         seconds = time.perf_counter() - reporter.started_at
 
         # A safety checker, where the checkpoint has one, blacks out what it
         # flags; say so rather than return a silent black image.
         flags = output.nsfw_content_detected or [False] * len(output.images)
-        mime = mime_type(job.output_format)
-        images = [
-            (
-                ImageMeta(job.seed + i, mime, image.width, image.height, bool(flag), bool(flag)),
-                encode_image(image, job.output_format, quality=OUTPUT_QUALITY),
-            )
-            for i, (image, flag) in enumerate(zip(output.images, flags, strict=True))
-        ]
-        sink.image_result(rid, images, warnings, seconds)
+        for member in reporter.live():
+            job = member.job
+            end = member.row + job.num_images
+            mime = mime_type(job.output_format)
+            pairs = zip(output.images[member.row : end], flags[member.row : end], strict=True)
+            images = [
+                (
+                    ImageMeta(
+                        job.seed + i, mime, image.width, image.height, bool(flag), bool(flag)
+                    ),
+                    encode_image(image, job.output_format, quality=OUTPUT_QUALITY),
+                )
+                for i, (image, flag) in enumerate(pairs)
+            ]
+            member.finished = True
+            sink.image_result(member.request_id, images, member.warnings, seconds)
 
     @contextmanager
     def _scheduler(self, scheduler: SchedulerMixin) -> Iterator[None]:
         """Run the pipeline with ``scheduler`` for the duration of the block.
-        A worker runs one request at a time, so swapping is safe."""
+        A worker runs one call at a time, so swapping is safe."""
         shared = self.pipe.scheduler
         self.pipe.scheduler = scheduler
         try:
@@ -206,11 +278,11 @@ class StableDiffusionRunner(Runner):
         first ``model_max_length`` tokens (start and end tokens included) and
         drops the rest silently."""
         warnings = []
-        for field, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+        for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
             dropped = self._dropped_text(text)
             if dropped:
                 limit = self.pipe.tokenizer.model_max_length
-                warnings.append(f"{field} is longer than {limit} tokens; ignored: {dropped!r}")
+                warnings.append(f"{name} is longer than {limit} tokens; ignored: {dropped!r}")
         return warnings
 
     def _dropped_text(self, text: str) -> str:
