@@ -73,16 +73,6 @@ def test_signal_stops_server_and_every_worker(model_cache, tmp_path, sig):
     assert wait_gone(everything) == []
 
 
-def test_two_workers_both_serve_requests(model_cache, tmp_path):
-    server = start_server(model_cache, tmp_path, "--workers", "2")
-    try:
-        with ImagoClient(server.target) as client:
-            used = {client.caption(png_bytes()).info.worker for _ in range(6)}
-        assert used <= {"worker-0", "worker-1"} and used
-    finally:
-        assert server.stop() == 0
-
-
 def test_workers_die_with_a_killed_frontend(model_cache, tmp_path):
     server = start_server(model_cache, tmp_path, "--workers", "1")
     workers = children(server.process.pid)
