@@ -5,12 +5,17 @@ running on a worker, with every event for it landing in ``ticket.events``.
 
 Batching follows each model's :class:`BatchPolicy`. When a worker holding the
 model is idle, the oldest waiting request leads a batch and takes with it every
-later request whose :func:`batch_key` matches, up to ``max_batch_size``. A batch
-that is not full is held back for companions, at most ``max_batch_delay_ms``
-after its leader arrived, but only while the model is under load: when its
-last batch (dispatched or finished within :data:`RECENT_S`) was bigger than
-what is waiting now. A lone request on a quiet model therefore starts at once,
-and closed-loop clients returning from a big batch are gathered again.
+later request whose :func:`batch_key` matches, up to ``max_batch_size``.
+
+A batch that is not full is held back for companions only while more are
+expected: while the model's peak load within the last :data:`RECENT_S`
+(requests running plus waiting, in batch weight) exceeds what the batch holds.
+It is held at most ``max_batch_delay_ms`` past the later of its leader's
+arrival and the moment the model's last batch finished, so holding adds at
+most that delay to anyone's wait. A lone request on a quiet model therefore
+starts at once, while clients returning from a big batch are gathered into
+one call again instead of splitting into a small batch and a big one that take
+almost the same time.
 
 Queues are bounded; a full queue turns new requests away at once. A deadline
 ends a ticket wherever it is: taken out of its queue, or stopped on its worker.
@@ -41,7 +46,7 @@ from imago.workers.protocol import (
 # Messages after which a ticket gets no more events.
 TERMINAL = (TextResult, ImageResult, Failed)
 
-#: Seconds after its last batch during which a model counts as under load.
+#: Seconds a model's peak load is remembered.
 RECENT_S = 1.0
 #: Policy of a model the scheduler was told nothing about: no batching.
 UNBATCHED = BatchPolicy(max_batch_size=1, max_batch_delay_ms=0.0)
@@ -108,8 +113,11 @@ class Scheduler:
         self._queues: dict[str, deque[Ticket]] = {}
         self._workers: Workers | None = None
         self._batch_ids = itertools.count(1)
-        # Per model: weight of its last batch and when it was dispatched or finished.
-        self._last_batch: dict[str, tuple[int, float]] = {}
+        # Per model: weight of the batches running, the recent peak of running
+        # plus queued weight (and when it was seen), when a batch last finished.
+        self._running: dict[str, int] = {}
+        self._peak: dict[str, tuple[int, float]] = {}
+        self._freed_at: dict[str, float] = {}
         self._wake_timers: dict[str, asyncio.TimerHandle] = {}
 
     def attach(self, workers: Workers) -> None:
@@ -131,6 +139,7 @@ class Scheduler:
                 retry_after_s=1.0,
             )
         queue.append(ticket)
+        self._note_load(ticket.model)
         if ticket.deadline is not None:
             loop = asyncio.get_running_loop()
             ticket._deadline_timer = loop.call_at(ticket.deadline, self.expire, ticket)
@@ -166,7 +175,8 @@ class Scheduler:
 
     def batch_done(self, model: str, weight: int) -> None:
         """A batch of ``model`` finished; its clients may be about to return."""
-        self._last_batch[model] = (weight, time.monotonic())
+        self._running[model] = max(0, self._running.get(model, 0) - weight)
+        self._freed_at[model] = time.monotonic()
         self.dispatch()
 
     def dispatch(self) -> None:
@@ -189,7 +199,7 @@ class Scheduler:
                     ticket.started_at = now
                     ticket.batch_size = len(batch)
                 weight = sum(batch_weight(t.item.job) for t in batch)
-                self._last_batch[model] = (weight, now)
+                self._running[model] = self._running.get(model, 0) + weight
                 self._workers.run(worker, next(self._batch_ids), model, batch)
                 moved = True
             if moved:
@@ -222,11 +232,11 @@ class Scheduler:
         """Whether a batch of ``weight`` led by ``head`` should wait for more."""
         delay_s = self.policy(model).max_batch_delay_ms / 1000
         now = time.monotonic()
-        release_at = head.enqueued_at + delay_s
+        release_at = max(head.enqueued_at, self._freed_at.get(model, 0.0)) + delay_s
         if delay_s <= 0 or now >= release_at:
             return False
-        last_weight, last_at = self._last_batch.get(model, (0, float("-inf")))
-        if now - last_at > RECENT_S or weight >= last_weight:
+        peak, seen_at = self._peak.get(model, (0, float("-inf")))
+        if now - seen_at > RECENT_S or weight >= peak:
             return False
         timer = self._wake_timers.get(model)
         if timer is None or timer.when() > release_at:
@@ -235,6 +245,15 @@ class Scheduler:
             loop = asyncio.get_running_loop()
             self._wake_timers[model] = loop.call_at(release_at, self._wake, model)
         return True
+
+    def _note_load(self, model: str) -> None:
+        """Remember the peak of running plus queued weight; it fades after RECENT_S."""
+        now = time.monotonic()
+        queued = sum(batch_weight(t.item.job) for t in self._queues.get(model, ()))
+        load = self._running.get(model, 0) + queued
+        peak, seen_at = self._peak.get(model, (0, float("-inf")))
+        if load >= peak or now - seen_at > RECENT_S:
+            self._peak[model] = (load, now)
 
     def _wake(self, model: str) -> None:
         self._wake_timers.pop(model, None)

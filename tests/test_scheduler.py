@@ -289,12 +289,24 @@ def test_a_lone_request_on_a_quiet_model_starts_at_once():
     assert run(scenario).ran == [("worker-0", ["a"])]
 
 
+def load_up(scheduler: Scheduler, workers: FakeWorkers, count: int) -> None:
+    """Put ``count`` requests in flight at once (one runs, the rest queue),
+    then end them all: the model was just under that load."""
+    tickets = [ticket(f"load-{i}") for i in range(count)]
+    for t in tickets:
+        scheduler.submit(t)
+    for t in tickets[1:]:
+        scheduler.cancel(t)
+    scheduler.batch_done("blip2", 1)
+    workers.ran.clear()
+
+
 def test_under_load_a_short_batch_waits_for_companions_at_most_the_delay():
     async def scenario():
-        scheduler, workers = batching(max_batch_delay_ms=50), FakeWorkers(free=0)
+        scheduler, workers = batching(max_batch_delay_ms=50), FakeWorkers(free=1)
         scheduler.attach(workers)
-        scheduler.batch_done("blip2", 8)  # a batch of 8 just finished
-        workers.free = 2
+        load_up(scheduler, workers, 4)  # four clients were just served
+        workers.free = 1
         scheduler.submit(ticket("a"))
         held = list(workers.ran)
         scheduler.submit(ticket("b"))
@@ -306,24 +318,24 @@ def test_under_load_a_short_batch_waits_for_companions_at_most_the_delay():
     assert workers.ran == [("worker-0", ["a", "b"])]
 
 
-def test_a_held_batch_goes_as_soon_as_it_is_as_big_as_the_last_one():
+def test_a_held_batch_goes_as_soon_as_the_recent_load_is_back():
     async def scenario():
-        scheduler, workers = batching(max_batch_delay_ms=10_000), FakeWorkers(free=0)
+        scheduler, workers = batching(max_batch_delay_ms=10_000), FakeWorkers(free=1)
         scheduler.attach(workers)
-        scheduler.batch_done("blip2", 2)
+        load_up(scheduler, workers, 3)
         workers.free = 1
-        scheduler.submit(ticket("a"))
-        scheduler.submit(ticket("b"))
+        for name in "abc":
+            scheduler.submit(ticket(name))
         return workers
 
-    assert run(scenario).ran == [("worker-0", ["a", "b"])]
+    assert run(scenario).ran == [("worker-0", ["a", "b", "c"])]
 
 
 def test_load_long_past_does_not_hold_a_request_back(monkeypatch):
     async def scenario():
-        scheduler, workers = batching(max_batch_delay_ms=10_000), FakeWorkers(free=0)
+        scheduler, workers = batching(max_batch_delay_ms=10_000), FakeWorkers(free=1)
         scheduler.attach(workers)
-        scheduler.batch_done("blip2", 8)
+        load_up(scheduler, workers, 4)
         now = time.monotonic()
         monkeypatch.setattr(time, "monotonic", lambda: now + RECENT_S + 1)
         workers.free = 1
