@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 
 import grpc
@@ -42,7 +41,7 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
     ) -> caption_pb2.CaptionResponse:
         model = self._d.model(CAPTION)
         job = caption_job(request, self._d.limits)
-        image = await asyncio.to_thread(check_image, request.image, "image", self._d.limits)
+        image = check_image(request.image, "image", self._d.limits)
         ticket = self._d.ticket(model.name, job, [image], deadline)
         result = await self._d.text_result(ticket)
         return caption_pb2.CaptionResponse(
@@ -74,7 +73,7 @@ class VqaServicer(vqa_pb2_grpc.VqaServiceServicer):
     ) -> vqa_pb2.AskResponse:
         model = self._d.model(VQA)
         job = vqa_job(request, self._d.limits)
-        image = await asyncio.to_thread(check_image, request.image, "image", self._d.limits)
+        image = check_image(request.image, "image", self._d.limits)
         ticket = self._d.ticket(model.name, job, [image], deadline)
         result = await self._d.text_result(ticket)
         return vqa_pb2.AskResponse(

@@ -53,6 +53,10 @@ CAPTION_CASES = {
     "image.mime_type": caption_pb2.CaptionRequest(
         image=common_pb2.Image(data=png_bytes(), mime_type="image/gif")
     ),
+    # A sound header with a cut-off body: found out when the worker decodes it.
+    "image.data (truncated)": caption_pb2.CaptionRequest(
+        image=common_pb2.Image(data=png_bytes(size=(300, 300))[:200])
+    ),
     "generation.max_new_tokens": caption_pb2.CaptionRequest(
         image=GOOD, generation=Gen(max_new_tokens=0)
     ),
