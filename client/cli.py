@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from imago.client.api import DEFAULT_TARGET, GENERATION_FIELDS, ImagoClient
+from imago.client.bench import add_bench_parser
 
 MiB = 1024 * 1024
 
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep asking until SERVING or SECONDS have passed (default: ask once)",
     )
     p.set_defaults(func=_health)
+
+    add_bench_parser(sub)
     return parser
 
 
