@@ -80,6 +80,15 @@ def detect_devices(workers: int, cpu_only: bool) -> list[str]:
     return ["cpu"] * max(1, workers)
 
 
+def cpu_threads(devices: list[str]) -> int:
+    """Compute threads for each CPU worker: this process's cores shared out
+    evenly, so that several CPU workers do not oversubscribe them."""
+    workers = sum(1 for device in devices if device == "cpu")
+    if not workers:
+        return 0
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
 @dataclass(eq=False)
 class WorkerHandle:
     worker_id: str
@@ -147,6 +156,7 @@ class WorkerPool:
                     "cache_dir": str(self._cache_dir) if self._cache_dir else None,
                     "parent_pid": os.getpid(),
                     "log_level": logging.getLogger().level,
+                    "cpu_threads": cpu_threads(self._devices),
                 },
                 daemon=True,
             )

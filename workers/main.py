@@ -196,8 +196,13 @@ def run_worker(
     cache_dir: str | None,
     parent_pid: int,
     log_level: int = logging.INFO,
+    cpu_threads: int = 0,
 ) -> None:
-    """Entry point of a worker process (spawned by the frontend)."""
+    """Entry point of a worker process (spawned by the frontend).
+
+    ``cpu_threads`` (0: torch's default) caps a CPU worker's compute threads
+    unless OMP_NUM_THREADS already says how many.
+    """
     _die_with_parent()
     # Ctrl-C reaches the whole process group; the frontend decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -210,6 +215,9 @@ def run_worker(
         # Pin before torch is imported, so this process sees exactly one GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
         device = "cuda"
+    elif cpu_threads > 0:
+        # Read by torch when it is imported, which has not happened yet.
+        os.environ.setdefault("OMP_NUM_THREADS", str(cpu_threads))
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.IDENTITY, worker_id.encode())
