@@ -217,6 +217,11 @@ class WorkerPool:
         # Spread work: the worker that has waited longest goes first.
         return min(idle, key=lambda w: w.idle_since).worker_id
 
+    def worker_count(self, model: str) -> int:
+        return sum(
+            1 for w in self._workers.values() if w.state in ("idle", "busy") and model in w.models
+        )
+
     def run(self, worker_id: str, batch_id: int, model: str, tickets: list[Ticket]) -> None:
         worker = self._workers[worker_id]
         worker.state = "busy"

@@ -9,7 +9,8 @@ later request whose :func:`batch_key` matches, up to ``max_batch_size``.
 
 A batch that is not full is held back for companions only while more are
 expected: while the model's peak load within the last :data:`RECENT_S`
-(requests running plus waiting, in batch weight) exceeds what the batch holds.
+(requests running plus waiting, in batch weight), shared out over the workers
+holding the model, exceeds what the batch holds.
 It is held at most ``max_batch_delay_ms`` past the later of its leader's
 arrival and the moment the model's last batch finished, so holding adds at
 most that delay to anyone's wait. A lone request on a quiet model therefore
@@ -98,6 +99,10 @@ class Workers(Protocol):
     """What the scheduler needs of the worker pool."""
 
     def idle_worker(self, model: str) -> str | None: ...
+
+    def worker_count(self, model: str) -> int:
+        """Live workers holding ``model``."""
+        ...
 
     def run(self, worker: str, batch_id: int, model: str, tickets: list[Ticket]) -> None: ...
 
@@ -236,7 +241,9 @@ class Scheduler:
         if delay_s <= 0 or now >= release_at:
             return False
         peak, seen_at = self._peak.get(model, (0, float("-inf")))
-        if now - seen_at > RECENT_S or weight >= peak:
+        # The load is shared by every worker holding the model.
+        expected = -(-peak // max(1, self._workers.worker_count(model)))
+        if now - seen_at > RECENT_S or weight >= expected:
             return False
         timer = self._wake_timers.get(model)
         if timer is None or timer.when() > release_at:

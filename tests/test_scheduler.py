@@ -27,13 +27,17 @@ SAMPLED = TextSettings(30, 0, 1, True, 1.0, 1.0, 50, 1.0, 1, 1.0, 0)
 class FakeWorkers:
     """Workers that take batches while they have free slots."""
 
-    def __init__(self, free: int = 0) -> None:
+    def __init__(self, free: int = 0, count: int = 1) -> None:
         self.free = free
+        self.count = count
         self.ran: list[tuple[str, list[str]]] = []
         self.cancelled: list[str] = []
 
     def idle_worker(self, model: str) -> str | None:
         return "worker-0" if self.free > 0 else None
+
+    def worker_count(self, model: str) -> int:
+        return self.count
 
     def run(self, worker: str, batch_id: int, model: str, tickets: list[Ticket]) -> None:
         self.free -= 1
@@ -329,6 +333,20 @@ def test_a_held_batch_goes_as_soon_as_the_recent_load_is_back():
         return workers
 
     assert run(scenario).ran == [("worker-0", ["a", "b", "c"])]
+
+
+def test_the_expected_load_is_shared_out_over_the_workers():
+    async def scenario():
+        scheduler, workers = batching(max_batch_delay_ms=10_000), FakeWorkers(free=1, count=2)
+        scheduler.attach(workers)
+        load_up(scheduler, workers, 4)  # two each for two workers
+        workers.free = 2
+        for name in "abc":
+            scheduler.submit(ticket(name))
+        return workers
+
+    # Two make a worker's share; "c" waits for a companion of its own.
+    assert run(scenario).ran == [("worker-0", ["a", "b"])]
 
 
 def test_load_long_past_does_not_hold_a_request_back(monkeypatch):

@@ -184,6 +184,13 @@ def test_work_spreads_over_every_worker_holding_the_model(model_cache, tmp_path)
     server = start_server(model_cache, tmp_path, "--workers", "2")
     try:
         with ImagoClient(server.target, timeout=120) as client:
+            # SERVING comes with the first loaded worker; wait for the second.
+            seen: set[str] = set()
+            for _ in range(300):
+                seen.add(client.caption(png_bytes()).info.worker)
+                if len(seen) == 2:
+                    break
+                time.sleep(0.1)
             one_by_one = [client.caption(png_bytes()).info.worker for _ in range(4)]
 
         async def generate(prompt: str, timeline: list) -> None:
@@ -206,8 +213,8 @@ def test_work_spreads_over_every_worker_holding_the_model(model_cache, tmp_path)
     kinds = [(prompt, kind) for prompt, kind, _ in timeline]
     first_result = next(i for i, (_, kind) in enumerate(kinds) if kind == "result")
     assert {("a", "started"), ("b", "started")} <= set(kinds[:first_result])
-    workers = {e.result.info.worker for _, kind, e in timeline if kind == "result"}
-    assert workers == {"worker-0", "worker-1"}
+    results = [e.result.info for _, kind, e in timeline if kind == "result"]
+    assert {info.worker for info in results} == {"worker-0", "worker-1"}, results
 
 
 # ------------------------------------------------------------------ deadlines
@@ -234,11 +241,17 @@ def test_a_deadline_passing_in_the_queue_frees_the_place(server):
 
 
 def test_a_deadline_passing_mid_generation_stops_it_and_frees_the_worker(server):
-    # 150 steps of 256x256 take far longer than the 5 s deadline.
-    with ImagoClient(server.target, timeout=5.0) as hurried:
+    size = {"width": 512, "height": 512}
+    with ImagoClient(server.target, timeout=300) as client:
+        timing = []
+        client.generate_result("timing", steps=3, **size, on_event=timing.append)
+    steps = [e.progress.elapsed_seconds for e in timing if e.HasField("progress")]
+    # A deadline some ten steps in, far short of the 150 asked for.
+    deadline = 1.0 + 10 * (steps[-1] - steps[0]) / 2
+    with ImagoClient(server.target, timeout=deadline) as hurried:
         progress = []
         with pytest.raises(grpc.RpcError) as caught:
-            for event in hurried.generate("too long", steps=150, width=256, height=256):
+            for event in hurried.generate("too long", steps=150, **size):
                 if event.HasField("progress"):
                     progress.append(event.progress)
     expired_at = time.monotonic()
