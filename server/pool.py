@@ -39,7 +39,6 @@ from imago.workers.protocol import (
     RunBatch,
     Shutdown,
     TextResult,
-    batch_weight,
     encode,
     from_worker_decoder,
 )
@@ -97,8 +96,8 @@ class WorkerHandle:
     models: dict[str, ModelInfo] = field(default_factory=dict)
     state: str = "starting"  # starting | idle | busy | dead
     running: dict[str, Ticket] = field(default_factory=dict)
-    # Model and weight of the batch it is running, while busy.
-    batch: tuple[str, int] | None = None
+    # Model of the batch it is running, while busy.
+    batch_model: str | None = None
     # When it last became idle: the longest-idle worker gets the next batch.
     idle_since: float = 0.0
 
@@ -225,7 +224,7 @@ class WorkerPool:
     def run(self, worker_id: str, batch_id: int, model: str, tickets: list[Ticket]) -> None:
         worker = self._workers[worker_id]
         worker.state = "busy"
-        worker.batch = (model, sum(batch_weight(t.item.job) for t in tickets))
+        worker.batch_model = model
         frames: list[bytes] = []
         for ticket in tickets:
             worker.running[ticket.request_id] = ticket
@@ -274,12 +273,12 @@ class WorkerPool:
             if self._startup and not self._startup.done():
                 self._startup.set_exception(StartupError(message.message))
         elif isinstance(message, BatchDone):
-            batch, worker.batch = worker.batch, None
+            model, worker.batch_model = worker.batch_model, None
             if worker.state == "busy":
                 worker.state = "idle"
                 worker.idle_since = time.monotonic()
-            if batch is not None:
-                self._scheduler.batch_done(*batch)
+            if model is not None:
+                self._scheduler.batch_done(model)
             else:
                 self._scheduler.dispatch()
         else:
@@ -288,6 +287,7 @@ class WorkerPool:
                 return
             if isinstance(message, TextResult | ImageResult | Failed):
                 del worker.running[message.request_id]
+                self._scheduler.left_worker(ticket)
             ticket.deliver(message, frames)
 
     async def _watch(self) -> None:
@@ -303,6 +303,7 @@ class WorkerPool:
                 log.error(reason)
                 for ticket in worker.running.values():
                     ticket.deliver(Failed(ticket.request_id, "UNAVAILABLE", reason))
+                    self._scheduler.left_worker(ticket)
                 worker.running.clear()
                 # Nobody would ever take requests queued for a model no live worker holds.
                 for model in set(worker.models) - self.live_models():

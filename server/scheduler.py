@@ -76,6 +76,8 @@ class Ticket:
     # Requests in the batch this ticket ran in, itself included.
     batch_size: int = 0
     finished: bool = False
+    # On a worker: dispatched and not yet answered by it.
+    running: bool = False
     _position: int = -1
     _deadline_timer: asyncio.TimerHandle | None = None
 
@@ -178,9 +180,14 @@ class Scheduler:
         for ticket in queue:
             ticket.deliver(Failed(ticket.request_id, "UNAVAILABLE", reason))
 
-    def batch_done(self, model: str, weight: int) -> None:
-        """A batch of ``model`` finished; its clients may be about to return."""
-        self._running[model] = max(0, self._running.get(model, 0) - weight)
+    def left_worker(self, ticket: Ticket) -> None:
+        """The worker answered ``ticket`` (or died): it no longer counts as load."""
+        if ticket.running:
+            ticket.running = False
+            self._running[ticket.model] -= batch_weight(ticket.item.job)
+
+    def batch_done(self, model: str) -> None:
+        """A worker finished a batch of ``model``; its clients may be about to return."""
         self._freed_at[model] = time.monotonic()
         self.dispatch()
 
@@ -203,6 +210,7 @@ class Scheduler:
                     ticket.worker = worker
                     ticket.started_at = now
                     ticket.batch_size = len(batch)
+                    ticket.running = True
                 weight = sum(batch_weight(t.item.job) for t in batch)
                 self._running[model] = self._running.get(model, 0) + weight
                 self._workers.run(worker, next(self._batch_ids), model, batch)

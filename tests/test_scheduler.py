@@ -301,7 +301,8 @@ def load_up(scheduler: Scheduler, workers: FakeWorkers, count: int) -> None:
         scheduler.submit(t)
     for t in tickets[1:]:
         scheduler.cancel(t)
-    scheduler.batch_done("blip2", 1)
+    scheduler.left_worker(tickets[0])
+    scheduler.batch_done("blip2")
     workers.ran.clear()
 
 
@@ -347,6 +348,21 @@ def test_the_expected_load_is_shared_out_over_the_workers():
 
     # Two make a worker's share; "c" waits for a companion of its own.
     assert run(scenario).ran == [("worker-0", ["a", "b"])]
+
+
+def test_a_request_sent_on_an_answer_before_its_batch_ends_is_not_held():
+    async def scenario():
+        scheduler, workers = batching(max_batch_delay_ms=10_000), FakeWorkers(free=1)
+        scheduler.attach(workers)
+        first = ticket("first")
+        scheduler.submit(first)
+        scheduler.left_worker(first)  # answered; the worker has not said it is free
+        scheduler.submit(ticket("next"))
+        workers.free = 1
+        scheduler.batch_done("blip2")
+        return workers
+
+    assert run(scenario).ran == [("worker-0", ["first"]), ("worker-0", ["next"])]
 
 
 def test_load_long_past_does_not_hold_a_request_back(monkeypatch):
