@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from imago.client.bench import (
+from imago.client.bench import format_report
+from imago.client.cli import main
+from imago.client.loadgen import (
     Outcome,
-    format_report,
+    Plan,
     parse_mix,
     percentile,
     phase_report,
     rotation,
+    run_in_process,
+    sample_image,
     summarize,
 )
-from imago.client.cli import main
+from imago.workers.inprocess import run_direct
+from imago.workers.protocol import GeneratedText
+from imago.workers.runner import Request
 
 RATIO_KEYS = ("overhead_ms", "batched_ratio", "sequential_speedup")
 
@@ -84,6 +93,7 @@ def test_mix_rejects_unknown_kinds_and_bad_weights(text, message):
         ["--compare-previews"],
         ["--mix", "generate=1", "--compare-previews", "--preview-every", "1"],
         ["--external", "--workers", "2"],
+        ["--image-format", "gif"],
     ],
 )
 def test_bad_options_are_usage_errors(args, capsys):
@@ -130,6 +140,102 @@ def test_images_per_second_count_generated_images_per_kind():
     assert report["overall"]["mean_batch_size"] is None
 
 
+def test_report_shows_the_input_image_and_the_rpc_floor():
+    phase = phase_report([Outcome("caption", 0, 0.01)], elapsed_s=1.0)
+    report = {"target": "t:1", "server": "external", "concurrency": 1, "mix": {"caption": 1},
+              "warmup": 2, "input": {"format": "jpeg", "side": 224, "bytes": 7998},
+              "rpc_floor_ms": 0.6123, "served": phase}  # fmt: skip
+    lines = format_report(report).splitlines()
+    assert lines[0].endswith(", input jpeg 224px 7998 bytes")
+    floor = next(line for line in lines if line.startswith("rpc_floor_ms"))
+    assert floor.startswith("rpc_floor_ms = 0.612   (p50 of an empty health check round trip")
+    generate_only = {**report, "input": None, "mix": {"generate": 1}}
+    assert "input" not in format_report(generate_only).splitlines()[0]
+
+
+# ------------------------------------------------------------------ sample image
+
+
+@pytest.mark.parametrize("fmt, pil_name", [("jpeg", "JPEG"), ("png", "PNG")])
+def test_sample_image_is_a_square_rgb_image_of_the_format_asked(fmt, pil_name):
+    data = sample_image(96, fmt, seed=3)
+    image = Image.open(io.BytesIO(data))
+    assert (image.format, image.size, image.mode) == (pil_name, (96, 96), "RGB")
+
+
+def test_sample_image_is_the_same_for_a_seed_and_differs_between_seeds():
+    for fmt in ("jpeg", "png"):
+        assert sample_image(64, fmt, seed=5) == sample_image(64, fmt, seed=5)
+        assert sample_image(64, fmt, seed=5) != sample_image(64, fmt, seed=6)
+
+
+def test_sample_image_defaults_to_a_photo_sized_jpeg():
+    data = sample_image()
+    assert data.startswith(b"\xff\xd8\xff")
+    assert Image.open(io.BytesIO(data)).size == (224, 224)
+    # Smooth regions compress the way photos do, unlike colour noise (~138 KB).
+    assert len(data) < 30_000
+    pixels = np.asarray(Image.open(io.BytesIO(data)), dtype=float)
+    assert pixels.std() > 20  # not a flat field either
+
+
+def test_sample_image_rejects_other_formats():
+    with pytest.raises(ValueError, match="jpeg, png"):
+        sample_image(32, "gif")
+
+
+# ------------------------------------------------------------------ in process
+
+
+class EchoRunner:
+    """A stand-in runner: answers each request with its id; records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, batch, sink):
+        self.calls.append([request.request_id for request in batch])
+        for request in batch:
+            sink.text_result(request.request_id, [GeneratedText(request.request_id)], 0, 0.0)
+
+
+def test_run_in_process_runs_alone_then_in_batches_of_one_kind():
+    plan = Plan(("caption", "vqa"), b"", "q", "p", 1, 0, 0, 0)
+    runner = EchoRunner()
+
+    def prepare(index):
+        if index == 5:
+            return "INVALID_ARGUMENT"
+        return runner, Request(f"r{index}", None)
+
+    phases = run_in_process(plan, range(6), 1, 2, prepare)
+    # warmup r0; each of 0..4 alone; captions 0,2,4 then vqa 1,3 in twos.
+    assert runner.calls == [["r0"], *[[f"r{i}"] for i in range(5)], ["r0", "r2"], ["r4"],
+                            ["r1", "r3"]]  # fmt: skip
+    sequential, batched = phases["sequential"]["overall"], phases["batched"]["overall"]
+    assert sequential["completed"] == batched["completed"] == 5
+    assert sequential["errors"] == batched["errors"] == {"INVALID_ARGUMENT": 1}
+    assert batched["mean_batch_size"] == pytest.approx((2 + 2 + 1 + 2 + 2) / 5)
+    texts = {o.index: o.text for o in phases["outcomes"]}
+    assert texts[3] == "r3" and texts[5] is None
+
+
+class SlowSecondRunner:
+    """Reports its first request at once and the second 50 ms later."""
+
+    def run(self, batch, sink):
+        for request in batch:
+            sink.text_result(request.request_id, [GeneratedText("x")], 0, 0.0)
+            time.sleep(0.05)
+
+
+def test_run_direct_times_each_request_to_its_own_result():
+    first, second = run_direct(SlowSecondRunner(), [Request("a", None), Request("b", None)], 2)
+    assert first.batch_size == second.batch_size == 2
+    assert first.call_seconds == second.call_seconds >= 0.1
+    assert second.seconds - first.seconds >= 0.05 and second.seconds < second.call_seconds
+
+
 # ------------------------------------------------------------------ real servers
 
 
@@ -144,6 +250,8 @@ def test_bench_against_a_running_server_prints_throughput_and_percentiles(server
     rows = {line.split()[0]: line.split() for line in lines if line.split()}
     assert rows["caption"][1] == "3" and rows["vqa"][1] == "3" and rows["overall"][1] == "6"
     assert float(rows["overall"][3]) > 0  # requests per second
+    assert ", input jpeg 224px " in lines[0]
+    assert float(rows["rpc_floor_ms"][2]) > 0
 
 
 def test_baseline_reports_the_three_ratios(server, model_cache):
@@ -180,6 +288,8 @@ def test_bench_stops_the_server_it_started(server, model_cache):
     report = json.loads(done.stdout)
     assert report["server"].startswith("started")
     assert report["served"]["overall"]["completed"] == 2
+    assert isinstance(report["rpc_floor_ms"], float) and report["rpc_floor_ms"] > 0
+    assert report["input"]["format"] == "jpeg" and report["input"]["bytes"] > 0
     assert report["server_exit_code"] == 0
     with pytest.raises(ProcessLookupError):
         os.kill(report["server_pid"], 0)
