@@ -25,7 +25,7 @@ class Request:
 
 
 class Cancelled(Exception):
-    """Raised inside a runner when every request of its batch was cancelled."""
+    """Raised inside a runner when every request of a model call was cancelled."""
 
 
 class EventSink(Protocol):
@@ -93,4 +93,6 @@ class Runner(abc.ABC):
     def run(self, batch: list[Request], sink: EventSink) -> None:
         """Run every request of ``batch`` and report each one's outcome on
         ``sink``: exactly one of ``text_result``, ``image_result`` or
-        ``failed`` per request. Requests in a batch share a job type."""
+        ``failed`` per request. The frontend batches requests whose
+        :func:`~imago.workers.protocol.batch_key` agrees; a runner still
+        checks, and runs requests that cannot share a call separately."""
