@@ -160,6 +160,8 @@ class Scheduler:
         ticket.finish()
         if not self._unqueue(ticket) and ticket.worker is not None and self._workers:
             self._workers.cancel(ticket)
+            # It stops at the next step: nobody is waiting for it any more.
+            self.left_worker(ticket)
 
     def expire(self, ticket: Ticket) -> None:
         """End ``ticket`` with DEADLINE_EXCEEDED: a queued one never runs, a
@@ -172,6 +174,7 @@ class Scheduler:
             where = "while running"
             if ticket.worker is not None and self._workers:
                 self._workers.cancel(ticket)
+                self.left_worker(ticket)
         ticket.deliver(Failed(ticket.request_id, "DEADLINE_EXCEEDED", f"deadline passed {where}"))
 
     def fail_queued(self, model: str, reason: str) -> None:

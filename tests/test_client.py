@@ -47,5 +47,6 @@ def test_cancelled_generation_stops_and_frees_the_worker(server):
         per_step = (step_seconds[-1] - step_seconds[0]) / 2
         follow_up = client.generate_result("a short walk", steps=2)
     # Had the cancelled run gone on, the follow-up would have queued behind its
-    # remaining ~147 steps; it waited for at most a few of them.
-    assert follow_up.info.queue_seconds < 20 * per_step
+    # remaining ~147 steps; it waited for the step in progress (a few at most
+    # on a busy machine).
+    assert follow_up.info.queue_seconds < 5 * per_step

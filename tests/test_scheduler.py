@@ -365,6 +365,21 @@ def test_a_request_sent_on_an_answer_before_its_batch_ends_is_not_held():
     assert run(scenario).ran == [("worker-0", ["first"]), ("worker-0", ["next"])]
 
 
+def test_a_request_sent_after_cancelling_a_running_one_is_not_held():
+    async def scenario():
+        scheduler, workers = batching(max_batch_delay_ms=10_000), FakeWorkers(free=1)
+        scheduler.attach(workers)
+        long = ticket("long")
+        scheduler.submit(long)
+        scheduler.cancel(long)  # its worker stops it at the next step
+        scheduler.submit(ticket("next"))
+        workers.free = 1
+        scheduler.batch_done("blip2")
+        return workers
+
+    assert run(scenario).ran == [("worker-0", ["long"]), ("worker-0", ["next"])]
+
+
 def test_load_long_past_does_not_hold_a_request_back(monkeypatch):
     async def scenario():
         scheduler, workers = batching(max_batch_delay_ms=10_000), FakeWorkers(free=1)
