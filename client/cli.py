@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 import time
@@ -21,9 +20,9 @@ from typing import Any
 import grpc
 
 from imago.client.api import DEFAULT_TARGET, GENERATION_FIELDS, ImagoClient
+from imago.client.argtypes import uint
 from imago.client.bench import add_bench_parser
-
-MiB = 1024 * 1024
+from imago.client.serving import add_serve_parser
 
 _SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 _FORMAT_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
@@ -41,44 +40,20 @@ class InputError(Exception):
 # ------------------------------------------------------------------ parsing
 
 
-def _uint(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _uint(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _uint(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"not a port number: {value}")
-    return value
-
-
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation (unset options take the model's defaults)")
     add = group.add_argument
-    add("--max-new-tokens", type=_uint, metavar="N", help="new tokens at most")
-    add("--min-new-tokens", type=_uint, metavar="N", help="new tokens at least")
-    add("--num-beams", type=_uint, metavar="N", help="beam search width (1: none)")
+    add("--max-new-tokens", type=uint, metavar="N", help="new tokens at most")
+    add("--min-new-tokens", type=uint, metavar="N", help="new tokens at least")
+    add("--num-beams", type=uint, metavar="N", help="beam search width (1: none)")
     add("--sample", dest="do_sample", action=argparse.BooleanOptionalAction, help="sample tokens")
     add("--temperature", type=float, metavar="T", help="softmax temperature when sampling")
     add("--top-p", type=float, metavar="P", help="nucleus sampling mass")
-    add("--top-k", type=_uint, metavar="K", help="keep the K most likely tokens (0: all)")
+    add("--top-k", type=uint, metavar="K", help="keep the K most likely tokens (0: all)")
     add("--repetition-penalty", type=float, metavar="X", help="1.0 means none")
-    add("--num-return-sequences", type=_uint, metavar="N", help="outputs per input")
+    add("--num-return-sequences", type=uint, metavar="N", help="outputs per input")
     add("--length-penalty", type=float, metavar="X", help="> 0 favours longer beams")
-    add("--seed", type=_uint, help="seed for sampling, for reproducible output")
+    add("--seed", type=uint, help="seed for sampling, for reproducible output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,50 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("serve", help="run a server", description="Run an imago server.")
-    p.add_argument("--preset", help="model set to load (default: tiny)")
-    p.add_argument("--host", help="address to listen on (default: 0.0.0.0)")
-    p.add_argument("--port", type=_port, default=50051, help="gRPC port (default: %(default)s)")
-    p.add_argument("--workers", type=_uint, metavar="N", help="CPU worker processes (default: 1)")
-    p.add_argument("--cpu", action="store_true", help="use CPU workers even if CUDA is present")
-    p.add_argument(
-        "--max-message-mb",
-        type=_uint,
-        default=64,
-        metavar="MB",
-        help="largest gRPC message either way, in MiB (default: %(default)s)",
-    )
-    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="where models are cached")
-    p.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="FAMILY=SOURCE",
-        help="serve SOURCE (hub id or directory) for FAMILY (blip2, stable-diffusion) "
-        "instead of the preset's; repeatable",
-    )
-    p.add_argument(
-        "--max-batch-size",
-        action="append",
-        default=[],
-        metavar="[MODEL=]N",
-        help="most requests per batch (images for image models) for MODEL, or for every "
-        "model without MODEL=; repeatable (default: 32 for BLIP-2, 4 for Stable Diffusion)",
-    )
-    p.add_argument(
-        "--max-batch-delay-ms",
-        action="append",
-        default=[],
-        metavar="[MODEL=]MS",
-        help="longest a request under load waits for batch companions; 0 never waits; "
-        "repeatable like --max-batch-size (default: 20)",
-    )
-    p.add_argument(
-        "--max-queue", type=_positive, metavar="N", help="waiting requests per model (default: 256)"
-    )
-    levels = ["debug", "info", "warning", "error"]
-    p.add_argument("--log-level", default="info", choices=levels, help="(default: info)")
-    p.set_defaults(func=_serve)
+    add_serve_parser(sub)
 
     p = sub.add_parser("caption", help="caption images", description="Caption images.")
     p.add_argument("images", nargs="+", metavar="IMG", help="image files (PNG, JPEG, WebP)")
@@ -161,15 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("prompt", help="what to draw")
     add("-o", "--output", required=True, type=Path, metavar="FILE", help="output image file")
     add("--negative", default="", metavar="TEXT", help="what to steer away from")
-    add("--width", type=_uint, default=0, metavar="PX", help="multiple of 8 (default: model's)")
-    add("--height", type=_uint, default=0, metavar="PX", help="multiple of 8 (default: model's)")
-    add("--steps", type=_uint, default=0, metavar="N", help="denoising steps (default: 30)")
+    add("--width", type=uint, default=0, metavar="PX", help="multiple of 8 (default: model's)")
+    add("--height", type=uint, default=0, metavar="PX", help="multiple of 8 (default: model's)")
+    add("--steps", type=uint, default=0, metavar="N", help="denoising steps (default: 30)")
     add("--guidance", type=float, metavar="SCALE", help="guidance scale (default: 7.5)")
-    add("--seed", type=_uint, help="seed of the first image; image i uses seed + i")
-    add("--num-images", type=_uint, default=1, metavar="N", help="(default: 1)")
+    add("--seed", type=uint, help="seed of the first image; image i uses seed + i")
+    add("--num-images", type=uint, default=1, metavar="N", help="(default: 1)")
     add("--format", choices=["png", "jpeg", "webp"], help="(default: from -o's suffix, else png)")
     add("--previews", type=Path, metavar="DIR", help="write previews to DIR/step-0005.jpg ...")
-    add("--preview-every", type=_uint, metavar="N", help="a preview every N steps (default: 1)")
+    add("--preview-every", type=uint, metavar="N", help="a preview every N steps (default: 1)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("health", help="check server health", description="Check health.")
@@ -224,40 +156,6 @@ def preview_name(step: int, image_index: int, num_images: int, mime_type: str = 
 
 
 # ------------------------------------------------------------------ commands
-
-
-def serve_config(args: argparse.Namespace) -> Any:
-    """The ``ServeConfig`` of ``imago serve`` arguments; unset ones keep its defaults."""
-    from imago.server.config import Limits, ServeConfig
-
-    keys = ("preset", "host", "port", "workers", "cache_dir")
-    kwargs = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
-    limits = {"max_message_bytes": args.max_message_mb * MiB}
-    if args.max_queue is not None:
-        limits["max_queue_size"] = args.max_queue
-    return ServeConfig(
-        **kwargs,
-        overrides=tuple(args.model),
-        max_batch_sizes=tuple(args.max_batch_size),
-        max_batch_delays_ms=tuple(args.max_batch_delay_ms),
-        cpu_only=args.cpu,
-        limits=Limits(**limits),
-    )
-
-
-def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    config = serve_config(args)
-    try:
-        config.models()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from imago.server.app import run
-
-    return int(run(config) or 0)
 
 
 @contextlib.contextmanager

@@ -20,8 +20,8 @@ from imago.client.cli import (
     output_format,
     output_paths,
     preview_name,
-    serve_config,
 )
+from imago.client.serving import serve_config
 from imago.v1 import common_pb2
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,100 @@
+"""``imago serve``: its arguments, the ServeConfig they make, and running it.
+
+The server package is imported only when a server runs, so the rest of the
+command line stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from imago.client.argtypes import port, positive, uint
+
+MiB = 1024 * 1024
+
+
+def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand to ``sub`` (an argparse subparsers action)."""
+    p = sub.add_parser("serve", help="run a server", description="Run an imago server.")
+    p.add_argument("--preset", help="model set to load (default: tiny)")
+    p.add_argument("--host", help="address to listen on (default: 0.0.0.0)")
+    p.add_argument("--port", type=port, default=50051, help="gRPC port (default: %(default)s)")
+    p.add_argument("--workers", type=uint, metavar="N", help="CPU worker processes (default: 1)")
+    p.add_argument("--cpu", action="store_true", help="use CPU workers even if CUDA is present")
+    p.add_argument(
+        "--max-message-mb",
+        type=uint,
+        default=64,
+        metavar="MB",
+        help="largest gRPC message either way, in MiB (default: %(default)s)",
+    )
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="where models are cached")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="FAMILY=SOURCE",
+        help="serve SOURCE (hub id or directory) for FAMILY (blip2, stable-diffusion) "
+        "instead of the preset's; repeatable",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        action="append",
+        default=[],
+        metavar="[MODEL=]N",
+        help="most requests per batch (images for image models) for MODEL, or for every "
+        "model without MODEL=; repeatable (default: 32 for BLIP-2, 4 for Stable Diffusion)",
+    )
+    p.add_argument(
+        "--max-batch-delay-ms",
+        action="append",
+        default=[],
+        metavar="[MODEL=]MS",
+        help="longest a request under load waits for batch companions; 0 never waits; "
+        "repeatable like --max-batch-size (default: 20)",
+    )
+    p.add_argument(
+        "--max-queue", type=positive, metavar="N", help="waiting requests per model (default: 256)"
+    )
+    levels = ["debug", "info", "warning", "error"]
+    p.add_argument("--log-level", default="info", choices=levels, help="(default: info)")
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    """The ``ServeConfig`` of ``imago serve`` arguments; unset ones keep its defaults."""
+    from imago.server.config import Limits, ServeConfig
+
+    keys = ("preset", "host", "port", "workers", "cache_dir")
+    kwargs = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    limits = {"max_message_bytes": args.max_message_mb * MiB}
+    if args.max_queue is not None:
+        limits["max_queue_size"] = args.max_queue
+    return ServeConfig(
+        **kwargs,
+        overrides=tuple(args.model),
+        max_batch_sizes=tuple(args.max_batch_size),
+        max_batch_delays_ms=tuple(args.max_batch_delay_ms),
+        cpu_only=args.cpu,
+        limits=Limits(**limits),
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = serve_config(args)
+    try:
+        config.models()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from imago.server.app import run
+
+    return int(run(config) or 0)
