@@ -181,6 +181,7 @@ def generate_request(
     preview_every: int = 0,
     preview_format: str | int = "jpeg",
     preview_max_size: int = 0,
+    scheduler: str = "",
 ) -> imagegen_pb2.GenerateRequest:
     """A text-to-image GenerateRequest; see :meth:`ImagoClient.generate`."""
     request = imagegen_pb2.GenerateRequest(
@@ -196,6 +197,7 @@ def generate_request(
             format=image_format(preview_format),
             max_size=preview_max_size,
         ),
+        scheduler=scheduler,
         text_to_image=imagegen_pb2.TextToImage(),
     )
     if guidance_scale is not None:
@@ -301,13 +303,15 @@ class ImagoClient(_ClientBase):
         preview_every: int = 0,
         preview_format: str | int = "jpeg",
         preview_max_size: int = 0,
+        scheduler: str = "",
     ) -> Iterator[imagegen_pb2.GenerateResponse]:
         """Streams the events of one text-to-image generation.
 
         Events come in order: queued (again when the position changes),
         started, progress for every step with a preview every
         ``preview_every`` steps, and the result. 0 and None take the server's
-        defaults (native size, 30 steps, guidance 7.5, a random seed).
+        defaults (native size, 30 steps, guidance 7.5, a random seed); an
+        empty ``scheduler`` the model's own (else e.g. "euler", "dpmpp_2m_karras").
         Stopping the iteration early cancels the generation on the server.
         """
         options = dict(locals())

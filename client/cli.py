@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--steps", type=uint, default=0, metavar="N", help="denoising steps (default: 30)")
     add("--guidance", type=float, metavar="SCALE", help="guidance scale (default: 7.5)")
     add("--seed", type=uint, help="seed of the first image; image i uses seed + i")
+    add(
+        "--scheduler",
+        default="",
+        metavar="NAME",
+        help="ddim, pndm, euler, euler_ancestral, dpmpp_2m, dpmpp_2m_karras, lms or unipc "
+        "(default: the model's own)",
+    )
     add("--num-images", type=uint, default=1, metavar="N", help="(default: 1)")
     add("--format", choices=["png", "jpeg", "webp"], help="(default: from -o's suffix, else png)")
     add("--previews", type=Path, metavar="DIR", help="write previews to DIR/step-0005.jpg ...")
@@ -265,6 +272,7 @@ def _generate(args: argparse.Namespace) -> int:
             num_images=args.num_images,
             output_format=fmt,
             preview_every=preview_every,
+            scheduler=args.scheduler,
         )
         for event in events:
             kind = event.WhichOneof("event")

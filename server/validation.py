@@ -18,6 +18,7 @@ from imago.server.errors import RequestError, invalid
 from imago.server.images import output_format
 from imago.v1 import caption_pb2, common_pb2, imagegen_pb2, vqa_pb2
 from imago.workers.protocol import CaptionJob, ModelInfo, TextSettings, TextToImageJob, VqaJob
+from imago.workers.schedulers import check_scheduler
 
 MAX_SEED = 2**64 - 1
 
@@ -156,6 +157,9 @@ def text_to_image_job(
     seed = request.seed if request.HasField("seed") else random_seed()
     if seed + num_images - 1 > MAX_SEED:
         raise invalid("seed", f"seed + num_images - 1 must fit in 64 bits, got seed {seed}")
+    problem = check_scheduler(request.scheduler)
+    if problem is not None:
+        raise invalid("scheduler", problem)
     fmt = output_format(request.output_format, "output_format", default="PNG")
     previews = request.previews
     _in_range("previews.every_n_steps", previews.every_n_steps, 0, steps)
@@ -175,4 +179,5 @@ def text_to_image_job(
         preview_every=previews.every_n_steps,
         preview_format=preview_fmt,
         preview_max_size=preview_size,
+        scheduler=request.scheduler,
     )

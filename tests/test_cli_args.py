@@ -190,6 +190,8 @@ def test_generate_request_fields():
     assert request.previews.every_n_steps == 2
     assert request.previews.format == common_pb2.IMAGE_FORMAT_JPEG
     assert generate_request("x", guidance_scale=0.0).HasField("guidance_scale")
+    assert generate_request("x", scheduler="euler").scheduler == "euler"
+    assert parse("generate", "x", "-o", "o.png", "--scheduler", "lms").scheduler == "lms"
     assert image_format("JPG") == common_pb2.IMAGE_FORMAT_JPEG
     with pytest.raises(ValueError, match="gif"):
         image_format("gif")

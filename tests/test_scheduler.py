@@ -52,8 +52,12 @@ def ticket(request_id: str, model: str = "blip2", job=None, deadline=None) -> Ti
     return Ticket(request_id=request_id, model=model, item=item, frames=[], deadline=deadline)
 
 
-def image_job(size: int = 64, num_images: int = 1, seed: int = 0) -> TextToImageJob:
-    return TextToImageJob("a fox", "", size, size, 4, 7.5, seed, num_images, "PNG", 0, "JPEG", 256)
+def image_job(
+    size: int = 64, num_images: int = 1, seed: int = 0, scheduler: str = ""
+) -> TextToImageJob:
+    return TextToImageJob(
+        "a fox", "", size, size, 4, 7.5, seed, num_images, "PNG", 0, "JPEG", 256, scheduler
+    )
 
 
 def batching(max_batch_size: int = 8, max_batch_delay_ms: float = 0.0) -> Scheduler:
@@ -281,6 +285,20 @@ def test_image_batches_count_images_and_need_the_same_shape_and_schedule():
 
     # "three" would make five images; "one" still fits beside "two".
     assert [ids for _, ids in run(scenario).ran] == [["two", "one"], ["bigger"], ["three"]]
+
+
+def test_image_requests_with_different_schedulers_do_not_share_a_batch():
+    async def scenario():
+        scheduler, workers = batching(max_batch_size=4), FakeWorkers(free=0)
+        scheduler.attach(workers)
+        scheduler.submit(ticket("euler", "sd", image_job(scheduler="euler")))
+        scheduler.submit(ticket("ddim", "sd", image_job(scheduler="ddim")))
+        scheduler.submit(ticket("euler-2", "sd", image_job(scheduler="euler", seed=4)))
+        workers.free = 2
+        scheduler.dispatch()
+        return workers
+
+    assert [ids for _, ids in run(scenario).ran] == [["euler", "euler-2"], ["ddim"]]
 
 
 def test_a_lone_request_on_a_quiet_model_starts_at_once():

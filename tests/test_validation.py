@@ -140,3 +140,11 @@ def test_image_to_image_is_not_implemented_yet():
         prompt="a fox", image_to_image=imagegen_pb2.ImageToImage()
     )
     assert rejected(text_to_image_job, request, SD, LIMITS).code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_named_scheduler_is_kept_and_an_unknown_one_names_the_field():
+    assert text_to_image_job(generate(scheduler="unipc"), SD, LIMITS).scheduler == "unipc"
+    assert text_to_image_job(generate(), SD, LIMITS).scheduler == ""
+    error = rejected(text_to_image_job, generate(scheduler="../euler"), SD, LIMITS)
+    assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "scheduler")
+    assert "dpmpp_2m_karras" in error.message

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -40,6 +41,7 @@ from imago.workers.previews import (
 )
 from imago.workers.protocol import ImageMeta, ModelInfo, TextToImageJob, batch_key
 from imago.workers.runner import Cancelled, EventSink, Request, Runner
+from imago.workers.schedulers import SCHEDULERS
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +146,19 @@ class StableDiffusionRunner(Runner):
         self.name = name
         self.source = source
         self.pipe = pipe
+        # Named schedulers built from the checkpoint's own config; "" is its own.
+        self._schedulers: dict[str, SchedulerMixin] = {"": pipe.scheduler}
+
+    def scheduler_template(self, name: str) -> SchedulerMixin:
+        """The scheduler called ``name`` (see imago.workers.schedulers), built once
+        with ``from_config`` from the model's scheduler config: same noise
+        schedule and prediction type, no reload. Requests run private copies."""
+        if name not in self._schedulers:
+            class_name, overrides = SCHEDULERS[name]
+            scheduler_class = getattr(diffusers, class_name)
+            base = self._schedulers[""].config
+            self._schedulers[name] = scheduler_class.from_config(base, **overrides)
+        return self._schedulers[name]
 
     @classmethod
     def load(cls, name: str, source: str, device: str) -> StableDiffusionRunner:
@@ -219,8 +234,8 @@ class StableDiffusionRunner(Runner):
             sink.started(member.request_id, total_steps=member.job.steps)
             member.warnings = self._truncation_warnings(member.job)
         rows = [(member.job, i) for member in members for i in range(member.job.num_images)]
-        job = members[0].job  # size, steps and guidance agree across the group
-        capture = X0Capture(self.pipe.scheduler)
+        job = members[0].job  # size, steps, guidance and scheduler agree across the group
+        capture = X0Capture(self.scheduler_template(job.scheduler))
         reporter = _StepReporter(members, job.steps, sink, capture)
         try:
             with self._scheduler(capture.scheduler):

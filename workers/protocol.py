@@ -62,6 +62,8 @@ class TextToImageJob(msgspec.Struct, tag="text_to_image", frozen=True):
     preview_every: int
     preview_format: str
     preview_max_size: int
+    # A name from imago.workers.schedulers.SCHEDULERS; "" for the model's own.
+    scheduler: str = ""
 
 
 Job = CaptionJob | VqaJob | TextToImageJob
@@ -76,7 +78,7 @@ def batch_key(job: Job) -> tuple | None:
     and VQA jobs mix. Sampled text runs alone, because transformers draws one
     random stream for the whole batch and a seed would then no longer decide
     the text. Image jobs batch when the settings that fix the latent shape and
-    the denoising schedule agree; prompts, seeds, image counts and output or
+    the denoising schedule (scheduler included) agree; prompts, seeds, image counts and output or
     preview formats may differ.
     """
     if isinstance(job, CaptionJob | VqaJob):
@@ -84,7 +86,14 @@ def batch_key(job: Job) -> tuple | None:
             return None
         return ("text", msgspec.structs.replace(job.settings, seed=0))
     if isinstance(job, TextToImageJob):
-        return ("text_to_image", job.width, job.height, job.steps, job.guidance_scale)
+        return (
+            "text_to_image",
+            job.width,
+            job.height,
+            job.steps,
+            job.guidance_scale,
+            job.scheduler,
+        )
     return None
 
 
