@@ -182,8 +182,11 @@ def generate_request(
     preview_format: str | int = "jpeg",
     preview_max_size: int = 0,
     scheduler: str = "",
+    init_image: ImageInput | None = None,
+    strength: float = 0.0,
 ) -> imagegen_pb2.GenerateRequest:
-    """A text-to-image GenerateRequest; see :meth:`ImagoClient.generate`."""
+    """A GenerateRequest: image-to-image when ``init_image`` is given, else
+    text-to-image; see :meth:`ImagoClient.generate`."""
     request = imagegen_pb2.GenerateRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -198,8 +201,12 @@ def generate_request(
             max_size=preview_max_size,
         ),
         scheduler=scheduler,
-        text_to_image=imagegen_pb2.TextToImage(),
     )
+    if init_image is None:
+        request.text_to_image.SetInParent()
+    else:
+        request.image_to_image.init_image.CopyFrom(_image_message(init_image))
+        request.image_to_image.strength = strength
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale
     if seed is not None:
@@ -304,8 +311,14 @@ class ImagoClient(_ClientBase):
         preview_format: str | int = "jpeg",
         preview_max_size: int = 0,
         scheduler: str = "",
+        init_image: ImageInput | None = None,
+        strength: float = 0.0,
     ) -> Iterator[imagegen_pb2.GenerateResponse]:
-        """Streams the events of one text-to-image generation.
+        """Streams the events of one generation: text-to-image, or
+        image-to-image when ``init_image`` (bytes, a path or a PIL image) is
+        given, redrawing it by ``strength`` in (0, 1] (0: the server's 0.8;
+        the steps run are steps x strength, and the output takes the init
+        image's size unless ``width`` and ``height`` say otherwise).
 
         Events come in order: queued (again when the position changes),
         started, progress for every step with a preview every

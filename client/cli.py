@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--steps", type=uint, default=0, metavar="N", help="denoising steps (default: 30)")
     add("--guidance", type=float, metavar="SCALE", help="guidance scale (default: 7.5)")
     add("--seed", type=uint, help="seed of the first image; image i uses seed + i")
+    add("--init", metavar="IMG", help="redraw this image (image-to-image) instead of drawing anew")
+    add(
+        "--strength",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with --init: how much to change it, (0, 1] (default: 0.8)",
+    )
     add(
         "--scheduler",
         default="",
@@ -254,6 +262,7 @@ def _generate(args: argparse.Namespace) -> int:
         preview_every = 1 if args.preview_every is None else args.preview_every
         with _local("create", args.previews):
             args.previews.mkdir(parents=True, exist_ok=True)
+    init = None if args.init is None else _read(args.init)
     fmt = output_format(args.output, args.format)
     with _local("create", args.output.parent):
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +282,8 @@ def _generate(args: argparse.Namespace) -> int:
             output_format=fmt,
             preview_every=preview_every,
             scheduler=args.scheduler,
+            init_image=init,
+            strength=args.strength,
         )
         for event in events:
             kind = event.WhichOneof("event")

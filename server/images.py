@@ -86,3 +86,12 @@ def check_image(image: common_pb2.Image, field: str, limits: Limits) -> bytes:
 def _reason(exc: Exception) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of image bytes already accepted by :func:`check_image`,
+    from the header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as opened:
+            return opened.size

@@ -10,7 +10,7 @@ from imago.server.dispatch import Dispatcher, bulk, deadline_of
 from imago.server.errors import RequestError, abort, from_failure
 from imago.server.images import check_image
 from imago.server.scheduler import QueuePosition
-from imago.server.validation import caption_job, text_to_image_job, vqa_job
+from imago.server.validation import caption_job, generate_job, vqa_job
 from imago.v1 import (
     caption_pb2,
     caption_pb2_grpc,
@@ -102,11 +102,11 @@ class ImageGenServicer(imagegen_pb2_grpc.ImageGenServiceServicer):
     async def Generate(self, request, context):
         try:
             model = self._d.model(IMAGEGEN)
-            job = text_to_image_job(request, model, self._d.limits)
+            job, images = generate_job(request, model, self._d.limits)
         except RequestError as error:
             await abort(context, error)
             return
-        ticket = self._d.ticket(model.name, job, [], deadline_of(context))
+        ticket = self._d.ticket(model.name, job, images, deadline_of(context))
         rid = ticket.request_id
         events = self._d.events(ticket)
         try:

@@ -2,8 +2,7 @@
 
 Each function either returns a fully resolved job (defaults applied, seeds
 drawn) or raises RequestError(INVALID_ARGUMENT) naming the offending field.
-Images are checked separately (:mod:`imago.server.images`) because that
-blocks and runs off the event loop.
+Images are checked by :mod:`imago.server.images` from their headers only.
 """
 
 from __future__ import annotations
@@ -15,9 +14,16 @@ import grpc
 
 from imago.server.config import Limits
 from imago.server.errors import RequestError, invalid
-from imago.server.images import output_format
+from imago.server.images import check_image, image_size, output_format
 from imago.v1 import caption_pb2, common_pb2, imagegen_pb2, vqa_pb2
-from imago.workers.protocol import CaptionJob, ModelInfo, TextSettings, TextToImageJob, VqaJob
+from imago.workers.protocol import (
+    CaptionJob,
+    ImageToImageJob,
+    ModelInfo,
+    TextSettings,
+    TextToImageJob,
+    VqaJob,
+)
 from imago.workers.schedulers import check_scheduler
 
 MAX_SEED = 2**64 - 1
@@ -40,11 +46,19 @@ DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
 MAX_GUIDANCE = 30.0
 DEFAULT_PREVIEW_SIZE = 512
+# diffusers' default image-to-image strength.
+DEFAULT_STRENGTH = 0.8
 
 
 def random_seed() -> int:
     """A fresh seed in [0, 2**32), small enough to read back and type in."""
     return secrets.randbits(32)
+
+
+def decimal(value: float) -> float:
+    """The shortest decimal that a protobuf ``float`` (32 bits) came from:
+    0.7 arrives as 0.699999988..., and int(10 x that) would run 6 steps, not 7."""
+    return float(f"{value:.7g}")
 
 
 def _get(message, name: str):
@@ -133,24 +147,18 @@ def _size(field: str, value: int, default: int, limits: Limits) -> int:
     return value
 
 
-def text_to_image_job(
-    request: imagegen_pb2.GenerateRequest, model: ModelInfo, limits: Limits
-) -> TextToImageJob:
-    """Resolve a GenerateRequest whose task is text_to_image."""
-    task = request.WhichOneof("task")
-    if task is None:
-        raise invalid("task", "set exactly one of text_to_image, image_to_image, inpaint")
-    if task != "text_to_image":
-        raise RequestError(
-            grpc.StatusCode.UNIMPLEMENTED, f"{task} is not supported by this server yet", task
-        )
+def _generation(
+    request: imagegen_pb2.GenerateRequest, limits: Limits, width: int, height: int
+) -> dict:
+    """Fields every image job shares, resolved; ``width`` and ``height`` are
+    already checked."""
     prompt = _text("prompt", request.prompt, limits, required=True)
     negative = _text("negative_prompt", request.negative_prompt, limits, required=False)
-    width = _size("width", request.width, model.default_size, limits)
-    height = _size("height", request.height, model.default_size, limits)
     steps = request.steps or DEFAULT_STEPS
     _in_range("steps", steps, 1, limits.max_steps)
-    guidance = request.guidance_scale if request.HasField("guidance_scale") else DEFAULT_GUIDANCE
+    guidance = (
+        decimal(request.guidance_scale) if request.HasField("guidance_scale") else DEFAULT_GUIDANCE
+    )
     _in_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
     num_images = request.num_images or 1
     _in_range("num_images", num_images, 1, limits.max_images_per_request)
@@ -166,18 +174,76 @@ def text_to_image_job(
     preview_fmt = output_format(previews.format, "previews.format", default="JPEG")
     preview_size = previews.max_size or DEFAULT_PREVIEW_SIZE
     _in_range("previews.max_size", preview_size, 8, limits.max_image_side)
-    return TextToImageJob(
-        prompt=prompt,
-        negative_prompt=negative,
-        width=width,
-        height=height,
-        steps=steps,
-        guidance_scale=guidance,
-        seed=seed,
-        num_images=num_images,
-        output_format=fmt,
-        preview_every=previews.every_n_steps,
-        preview_format=preview_fmt,
-        preview_max_size=preview_size,
-        scheduler=request.scheduler,
+    return {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "seed": seed,
+        "num_images": num_images,
+        "output_format": fmt,
+        "preview_every": previews.every_n_steps,
+        "preview_format": preview_fmt,
+        "preview_max_size": preview_size,
+        "scheduler": request.scheduler,
+    }
+
+
+def text_to_image_job(
+    request: imagegen_pb2.GenerateRequest, model: ModelInfo, limits: Limits
+) -> TextToImageJob:
+    """Resolve a GenerateRequest whose task is text_to_image."""
+    if request.WhichOneof("task") != "text_to_image":
+        raise invalid("task", "set exactly one of text_to_image, image_to_image, inpaint")
+    width = _size("width", request.width, model.default_size, limits)
+    height = _size("height", request.height, model.default_size, limits)
+    return TextToImageJob(**_generation(request, limits, width, height))
+
+
+def image_to_image_job(
+    request: imagegen_pb2.GenerateRequest, model: ModelInfo, limits: Limits
+) -> tuple[ImageToImageJob, bytes]:
+    """Resolve a GenerateRequest whose task is image_to_image; also return the
+    init image's bytes. Width and height default to the init image's size,
+    rounded down to multiples of 8."""
+    task = request.image_to_image
+    if task.HasField("style_image"):
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"restyling by a style image needs an IP-Adapter, and model {model.name} has none; "
+            "restyle by the prompt instead",
+            "image_to_image.style_image",
+        )
+    field = "image_to_image.init_image"
+    init = check_image(task.init_image, field, limits)
+    init_width, init_height = image_size(init)
+    width = _size("width", request.width, max(64, init_width // 8 * 8), limits)
+    height = _size("height", request.height, max(64, init_height // 8 * 8), limits)
+    strength = decimal(task.strength) or DEFAULT_STRENGTH
+    _in_range("image_to_image.strength", strength, 0.0, 1.0, low_open=True)
+    job = ImageToImageJob(**_generation(request, limits, width, height), strength=strength)
+    if job.steps_run < 1:
+        raise invalid(
+            "image_to_image.strength",
+            f"steps x strength must be at least 1 step, got {job.steps} x {strength:g}",
+        )
+    return job, init
+
+
+def generate_job(
+    request: imagegen_pb2.GenerateRequest, model: ModelInfo, limits: Limits
+) -> tuple[TextToImageJob, list[bytes]]:
+    """The job a GenerateRequest asks for and the image bytes that go with it."""
+    task = request.WhichOneof("task")
+    if task is None:
+        raise invalid("task", "set exactly one of text_to_image, image_to_image, inpaint")
+    if task == "text_to_image":
+        return text_to_image_job(request, model, limits), []
+    if task == "image_to_image":
+        job, init = image_to_image_job(request, model, limits)
+        return job, [init]
+    raise RequestError(
+        grpc.StatusCode.UNIMPLEMENTED, f"{task} is not supported by this server yet", task
     )

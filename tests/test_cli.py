@@ -63,6 +63,21 @@ def test_generate_writes_the_image_and_previews(server, tmp_path):
     assert len(list(previews.iterdir())) == 4
 
 
+def test_generate_redraws_an_init_image_with_a_scheduler(server, tmp_path):
+    init, out = tmp_path / "init.png", tmp_path / "redrawn.png"
+    init.write_bytes(png_bytes(size=(96, 72)))
+    args = ["generate", "a fox", "-o", str(out), "--init", str(init), "--strength", "0.5"]
+    result = imago(server, *args, "--steps", "4", "--scheduler", "dpmpp_2m")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (96, 72)
+
+
+def test_generate_with_a_missing_init_image_exits_2(server, tmp_path):
+    args = ["generate", "a fox", "-o", str(tmp_path / "o.png"), "--init", str(tmp_path / "no")]
+    result = imago(server, *args)
+    assert result.returncode == 2 and "cannot read" in result.stderr
+
+
 def test_bad_input_exits_1_with_the_field_named(server):
     result = imago(server, "generate", "a fox", "-o", "/tmp/x.png", "--width", "100")
     assert result.returncode == 1

@@ -184,10 +184,10 @@ def test_no_previews_unless_asked(channel):
     assert "preview" not in kinds(generate(channel, steps=3))
 
 
-def test_image_to_image_answers_unimplemented(channel):
-    task = imagegen_pb2.ImageToImage(init_image=image(), strength=0.5)
+def test_inpaint_answers_unimplemented(channel):
+    task = imagegen_pb2.Inpaint(image=image(), mask=image())
     with pytest.raises(grpc.RpcError) as caught:
-        generate(channel, text_to_image=None, image_to_image=task)
+        generate(channel, text_to_image=None, inpaint=task)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from conftest import png_bytes
 
 from imago.server.config import Limits
 from imago.server.errors import RequestError
@@ -11,6 +12,8 @@ from imago.server.validation import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     caption_job,
+    generate_job,
+    image_to_image_job,
     text_settings,
     text_to_image_job,
     vqa_job,
@@ -135,11 +138,66 @@ def test_generate_without_a_task_is_invalid():
     assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "task")
 
 
-def test_image_to_image_is_not_implemented_yet():
-    request = imagegen_pb2.GenerateRequest(
-        prompt="a fox", image_to_image=imagegen_pb2.ImageToImage()
+def test_inpaint_is_not_implemented_yet():
+    request = imagegen_pb2.GenerateRequest(prompt="a fox", inpaint=imagegen_pb2.Inpaint())
+    assert rejected(generate_job, request, SD, LIMITS).code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def img2img(size=(100, 70), **task) -> imagegen_pb2.GenerateRequest:
+    init = common_pb2.Image(data=png_bytes(size=size))
+    return imagegen_pb2.GenerateRequest(
+        prompt="a fox", image_to_image=imagegen_pb2.ImageToImage(init_image=init, **task)
     )
-    assert rejected(text_to_image_job, request, SD, LIMITS).code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_image_to_image_takes_the_init_images_size_and_default_strength():
+    job, init = image_to_image_job(img2img(size=(100, 70)), SD, LIMITS)
+    assert (job.width, job.height, job.strength) == (96, 64, 0.8)
+    assert job.steps_run == 24  # 30 steps x 0.8
+    assert init.startswith(b"\x89PNG")
+    request = img2img(strength=0.5)
+    request.width, request.height, request.steps = 128, 64, 10
+    job, _ = image_to_image_job(request, SD, LIMITS)
+    assert (job.width, job.height, job.steps_run) == (128, 64, 5)
+
+
+def test_float_fields_mean_the_decimal_the_client_wrote():
+    request = img2img(strength=0.7)
+    request.steps, request.guidance_scale = 10, 7.3
+    job, _ = image_to_image_job(request, SD, LIMITS)
+    assert (job.strength, job.steps_run, job.guidance_scale) == (0.7, 7, 7.3)
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan")])
+def test_image_to_image_strength_out_of_range_names_the_field(strength):
+    error = rejected(image_to_image_job, img2img(strength=strength), SD, LIMITS)
+    assert (error.code, error.field) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "image_to_image.strength",
+    )
+
+
+def test_image_to_image_running_no_step_is_refused():
+    request = img2img(strength=0.05)
+    request.steps = 10
+    assert rejected(image_to_image_job, request, SD, LIMITS).field == "image_to_image.strength"
+
+
+def test_image_to_image_needs_an_init_image():
+    request = imagegen_pb2.GenerateRequest(
+        prompt="a fox", image_to_image=imagegen_pb2.ImageToImage(strength=0.5)
+    )
+    assert rejected(image_to_image_job, request, SD, LIMITS).field == (
+        "image_to_image.init_image.data"
+    )
+
+
+def test_a_style_image_without_an_ip_adapter_is_a_failed_precondition():
+    request = img2img()
+    request.image_to_image.style_image.data = png_bytes()
+    error = rejected(image_to_image_job, request, SD, LIMITS)
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.field == "image_to_image.style_image" and "IP-Adapter" in error.message
 
 
 def test_a_named_scheduler_is_kept_and_an_unknown_one_names_the_field():

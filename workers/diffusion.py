@@ -1,13 +1,16 @@
-"""Stable Diffusion text-to-image through diffusers' StableDiffusionPipeline.
+"""Stable Diffusion text-to-image and image-to-image through diffusers'
+StableDiffusionPipeline and StableDiffusionImg2ImgPipeline, which share every
+component (one copy of the weights).
 
 The frontend batches requests whose :func:`~imago.workers.protocol.batch_key`
-agrees (same size, step count and guidance scale); their prompts, seeds, image
-counts and formats may differ. The runner regroups a batch by that key (it
-does not trust the frontend to have done so) and runs each group in one
-pipeline call: every image of every request becomes one row of the call, with
-its own prompt, negative prompt and CPU ``torch.Generator`` seeded
-``seed + i``. Image i of a request is therefore the same whatever else shares
-the call, and equals what diffusers gives when called directly.
+agrees (same task, size, step count, guidance scale, scheduler and strength);
+their prompts, seeds, image counts, init images and formats may differ. The
+runner regroups a batch by that key (it does not trust the frontend to have
+done so) and runs each group in one pipeline call: every image of every
+request becomes one row of the call, with its own prompt, negative prompt,
+init image and CPU ``torch.Generator`` seeded ``seed + i``. Image i of a
+request is therefore the same whatever else shares the call, and equals what
+diffusers gives when called directly.
 
 A step callback keeps one event stream per request: progress, previews of the
 request's own image 0 and cancellation. A cancelled request ends at once while
@@ -17,6 +20,7 @@ call stops before the VAE decode.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Iterator
@@ -26,7 +30,7 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
@@ -39,7 +43,13 @@ from imago.workers.previews import (
     mime_type,
     preview_size,
 )
-from imago.workers.protocol import ImageMeta, ModelInfo, TextToImageJob, batch_key
+from imago.workers.protocol import (
+    ImageMeta,
+    ImageToImageJob,
+    ModelInfo,
+    TextToImageJob,
+    batch_key,
+)
 from imago.workers.runner import Cancelled, EventSink, Request, Runner
 from imago.workers.schedulers import SCHEDULERS
 
@@ -57,6 +67,8 @@ class _Member:
 
     request_id: str
     job: TextToImageJob
+    #: The decoded init image of an image-to-image request, at the output size.
+    init: Image.Image | None = None
     #: Index of the request's image 0 among the rows of the group call.
     row: int = 0
     #: True once the request got its result or failure: it gets no more events.
@@ -137,6 +149,18 @@ class _StepReporter:
         )
 
 
+@contextmanager
+def _swapped_scheduler(pipe: DiffusionPipeline, scheduler: SchedulerMixin) -> Iterator[None]:
+    """Run ``pipe`` with ``scheduler`` for the duration of the block. A worker
+    runs one call at a time, so swapping is safe."""
+    shared = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        yield
+    finally:
+        pipe.scheduler = shared
+
+
 class StableDiffusionRunner(Runner):
     """Text-to-image with a Stable Diffusion 1.x/2.x checkpoint."""
 
@@ -148,6 +172,11 @@ class StableDiffusionRunner(Runner):
         self.pipe = pipe
         # Named schedulers built from the checkpoint's own config; "" is its own.
         self._schedulers: dict[str, SchedulerMixin] = {"": pipe.scheduler}
+        # Image-to-image shares every component (and so every weight) with pipe.
+        self.img2img = StableDiffusionImg2ImgPipeline(
+            **pipe.components, requires_safety_checker=pipe.config.requires_safety_checker
+        )
+        self.img2img.set_progress_bar_config(disable=True)
 
     def scheduler_template(self, name: str) -> SchedulerMixin:
         """The scheduler called ``name`` (see imago.workers.schedulers), built once
@@ -196,9 +225,14 @@ class StableDiffusionRunner(Runner):
         for request in batch:
             rid, job = request.request_id, request.job
             if not isinstance(job, TextToImageJob):
-                sink.failed(rid, "INVALID_ARGUMENT", f"{self.name} runs text_to_image jobs only")
+                sink.failed(rid, "INVALID_ARGUMENT", f"{self.name} runs image generation jobs only")
                 continue
-            groups.setdefault(batch_key(job), []).append(_Member(rid, job))
+            member = _Member(rid, job)
+            if isinstance(job, ImageToImageJob):
+                member.init = self._init_image(request, sink)
+                if member.init is None:
+                    continue
+            groups.setdefault(batch_key(job), []).append(member)
         for members in groups.values():
             try:
                 self._run_group(members, sink)
@@ -209,6 +243,25 @@ class StableDiffusionRunner(Runner):
                 ids = ", ".join(member.request_id for member in members)
                 logger.exception("requests %s failed", ids)
                 self._fail_unfinished(members, sink, "INTERNAL", f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _init_image(request: Request, sink: EventSink) -> Image.Image | None:
+        """The request's init image as RGB at the output size; None (and the
+        request failed) when it cannot be decoded."""
+        job = request.job
+        field = "image_to_image.init_image.data"
+        if not request.images:
+            sink.failed(request.request_id, "INVALID_ARGUMENT", "an init image is required", field)
+            return None
+        try:
+            with Image.open(io.BytesIO(request.images[0])) as opened:
+                image = opened.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            sink.failed(request.request_id, "INVALID_ARGUMENT", f"cannot decode: {exc}", field)
+            return None
+        if image.size != (job.width, job.height):
+            image = image.resize((job.width, job.height), Image.Resampling.LANCZOS)
+        return image
 
     @staticmethod
     def _fail_unfinished(members: list[_Member], sink: EventSink, code: str, message: str) -> None:
@@ -228,31 +281,37 @@ class StableDiffusionRunner(Runner):
         if not members:
             return
         # Rows follow request order, each request's images in seed order.
+        job = members[0].job  # the batch key's settings agree across the group
+        # Image-to-image runs only the last steps x strength of the schedule.
+        steps_run = job.steps_run if isinstance(job, ImageToImageJob) else job.steps
         row = 0
         for member in members:
             member.row, row = row, row + member.job.num_images
-            sink.started(member.request_id, total_steps=member.job.steps)
+            sink.started(member.request_id, total_steps=steps_run)
             member.warnings = self._truncation_warnings(member.job)
-        rows = [(member.job, i) for member in members for i in range(member.job.num_images)]
-        job = members[0].job  # size, steps, guidance and scheduler agree across the group
+        rows = [(member, i) for member in members for i in range(member.job.num_images)]
+        arguments: dict[str, Any] = {
+            "prompt": [member.job.prompt for member, _ in rows],
+            # diffusers treats a missing negative prompt as "".
+            "negative_prompt": [member.job.negative_prompt for member, _ in rows],
+            "num_inference_steps": job.steps,
+            "guidance_scale": job.guidance_scale,
+            "num_images_per_prompt": 1,
+            "generator": [
+                torch.Generator("cpu").manual_seed(member.job.seed + i) for member, i in rows
+            ],
+        }
+        if isinstance(job, ImageToImageJob):
+            pipe = self.img2img
+            arguments.update(image=[member.init for member, _ in rows], strength=job.strength)
+        else:
+            pipe = self.pipe
+            arguments.update(width=job.width, height=job.height)
         capture = X0Capture(self.scheduler_template(job.scheduler))
-        reporter = _StepReporter(members, job.steps, sink, capture)
+        reporter = _StepReporter(members, steps_run, sink, capture)
         try:
-            with self._scheduler(capture.scheduler):
-                output = self.pipe(
-                    prompt=[row_job.prompt for row_job, _ in rows],
-                    # diffusers treats a missing negative prompt as "".
-                    negative_prompt=[row_job.negative_prompt for row_job, _ in rows],
-                    width=job.width,
-                    height=job.height,
-                    num_inference_steps=job.steps,
-                    guidance_scale=job.guidance_scale,
-                    num_images_per_prompt=1,
-                    generator=[
-                        torch.Generator("cpu").manual_seed(row_job.seed + i) for row_job, i in rows
-                    ],
-                    callback_on_step_end=reporter,
-                )
+            with _swapped_scheduler(pipe, capture.scheduler):
+                output = pipe(**arguments, callback_on_step_end=reporter)
         except Cancelled:
             return  # every member was failed as it was cancelled
         seconds = time.perf_counter() - reporter.started_at
@@ -276,17 +335,6 @@ class StableDiffusionRunner(Runner):
             ]
             member.finished = True
             sink.image_result(member.request_id, images, member.warnings, seconds)
-
-    @contextmanager
-    def _scheduler(self, scheduler: SchedulerMixin) -> Iterator[None]:
-        """Run the pipeline with ``scheduler`` for the duration of the block.
-        A worker runs one call at a time, so swapping is safe."""
-        shared = self.pipe.scheduler
-        self.pipe.scheduler = scheduler
-        try:
-            yield
-        finally:
-            self.pipe.scheduler = shared
 
     def _truncation_warnings(self, job: TextToImageJob) -> list[str]:
         """Warnings naming the text CLIP will not see: the pipeline keeps the

@@ -66,7 +66,19 @@ class TextToImageJob(msgspec.Struct, tag="text_to_image", frozen=True):
     scheduler: str = ""
 
 
-Job = CaptionJob | VqaJob | TextToImageJob
+class ImageToImageJob(TextToImageJob, tag="image_to_image", frozen=True):
+    """Redraw the init image (frame 0, resized to ``width`` x ``height``) under
+    the prompt. ``strength`` in (0, 1] is how much changes: the pipeline runs
+    ``steps_run`` = int(steps x strength) of the ``steps``."""
+
+    strength: float = 0.8
+
+    @property
+    def steps_run(self) -> int:
+        return min(int(self.steps * self.strength), self.steps)
+
+
+Job = CaptionJob | VqaJob | TextToImageJob | ImageToImageJob
 
 
 def batch_key(job: Job) -> tuple | None:
@@ -85,6 +97,16 @@ def batch_key(job: Job) -> tuple | None:
         if job.settings.do_sample:
             return None
         return ("text", msgspec.structs.replace(job.settings, seed=0))
+    if isinstance(job, ImageToImageJob):
+        return (
+            "image_to_image",
+            job.width,
+            job.height,
+            job.steps,
+            job.strength,
+            job.guidance_scale,
+            job.scheduler,
+        )
     if isinstance(job, TextToImageJob):
         return (
             "text_to_image",
