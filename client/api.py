@@ -184,6 +184,8 @@ def generate_request(
     scheduler: str = "",
     init_image: ImageInput | None = None,
     strength: float = 0.0,
+    output_quality: int = 0,
+    omit_parameters: bool = False,
 ) -> imagegen_pb2.GenerateRequest:
     """A GenerateRequest: image-to-image when ``init_image`` is given, else
     text-to-image; see :meth:`ImagoClient.generate`."""
@@ -201,6 +203,8 @@ def generate_request(
             max_size=preview_max_size,
         ),
         scheduler=scheduler,
+        output_quality=output_quality,
+        omit_parameters=omit_parameters,
     )
     if init_image is None:
         request.text_to_image.SetInParent()
@@ -313,6 +317,8 @@ class ImagoClient(_ClientBase):
         scheduler: str = "",
         init_image: ImageInput | None = None,
         strength: float = 0.0,
+        output_quality: int = 0,
+        omit_parameters: bool = False,
     ) -> Iterator[imagegen_pb2.GenerateResponse]:
         """Streams the events of one generation: text-to-image, or
         image-to-image when ``init_image`` (bytes, a path or a PIL image) is
@@ -325,6 +331,8 @@ class ImagoClient(_ClientBase):
         ``preview_every`` steps, and the result. 0 and None take the server's
         defaults (native size, 30 steps, guidance 7.5, a random seed); an
         empty ``scheduler`` the model's own (else e.g. "euler", "dpmpp_2m_karras").
+        ``output_quality`` (1..100, 0: 95) applies to JPEG and WebP; PNG results
+        carry their generation parameters unless ``omit_parameters``.
         Stopping the iteration early cancels the generation on the server.
         """
         options = dict(locals())

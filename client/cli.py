@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--steps", type=uint, default=0, metavar="N", help="denoising steps (default: 30)")
     add("--guidance", type=float, metavar="SCALE", help="guidance scale (default: 7.5)")
     add("--seed", type=uint, help="seed of the first image; image i uses seed + i")
+    add("--quality", type=uint, default=0, metavar="Q", help="JPEG/WebP quality 1..100 (95)")
+    add(
+        "--no-parameters",
+        dest="omit_parameters",
+        action="store_true",
+        help="leave the generation parameters out of PNG files",
+    )
     add("--init", metavar="IMG", help="redraw this image (image-to-image) instead of drawing anew")
     add(
         "--strength",
@@ -284,6 +291,8 @@ def _generate(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
             init_image=init,
             strength=args.strength,
+            output_quality=args.quality,
+            omit_parameters=args.omit_parameters,
         )
         for event in events:
             kind = event.WhichOneof("event")

@@ -46,6 +46,8 @@ DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
 MAX_GUIDANCE = 30.0
 DEFAULT_PREVIEW_SIZE = 512
+# Quality of JPEG and WebP results unless asked otherwise.
+DEFAULT_QUALITY = 95
 # diffusers' default image-to-image strength.
 DEFAULT_STRENGTH = 0.8
 
@@ -169,6 +171,8 @@ def _generation(
     if problem is not None:
         raise invalid("scheduler", problem)
     fmt = output_format(request.output_format, "output_format", default="PNG")
+    quality = request.output_quality or DEFAULT_QUALITY
+    _in_range("output_quality", quality, 1, 100)
     previews = request.previews
     _in_range("previews.every_n_steps", previews.every_n_steps, 0, steps)
     preview_fmt = output_format(previews.format, "previews.format", default="JPEG")
@@ -188,6 +192,8 @@ def _generation(
         "preview_format": preview_fmt,
         "preview_max_size": preview_size,
         "scheduler": request.scheduler,
+        "output_quality": quality,
+        "embed_parameters": not request.omit_parameters,
     }
 
 

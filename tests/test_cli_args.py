@@ -192,6 +192,10 @@ def test_generate_request_fields():
     assert generate_request("x", guidance_scale=0.0).HasField("guidance_scale")
     assert generate_request("x", scheduler="euler").scheduler == "euler"
     assert parse("generate", "x", "-o", "o.png", "--scheduler", "lms").scheduler == "lms"
+    quality = generate_request("x", output_quality=40, omit_parameters=True)
+    assert (quality.output_quality, quality.omit_parameters) == (40, True)
+    args = parse("generate", "x", "-o", "o.jpg", "--quality", "40", "--no-parameters")
+    assert (args.quality, args.omit_parameters) == (40, True)
     assert image_format("JPG") == common_pb2.IMAGE_FORMAT_JPEG
     with pytest.raises(ValueError, match="gif"):
         image_format("gif")

@@ -35,6 +35,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
+from imago.workers.parameters import SAMPLER_LABELS, parameters_text
 from imago.workers.presets import STABLE_DIFFUSION
 from imago.workers.previews import (
     X0Capture,
@@ -55,8 +56,6 @@ from imago.workers.schedulers import SCHEDULERS
 
 logger = logging.getLogger(__name__)
 
-#: Quality (1..100) of lossy final images; PNG is always lossless.
-OUTPUT_QUALITY = 95
 #: Quality of lossy previews: they are small and short-lived, bytes matter more.
 PREVIEW_QUALITY = 85
 
@@ -329,12 +328,24 @@ class StableDiffusionRunner(Runner):
                     ImageMeta(
                         job.seed + i, mime, image.width, image.height, bool(flag), bool(flag)
                     ),
-                    encode_image(image, job.output_format, quality=OUTPUT_QUALITY),
+                    encode_image(
+                        image,
+                        job.output_format,
+                        quality=job.output_quality,
+                        text=self._parameters(job, job.seed + i),
+                    ),
                 )
                 for i, (image, flag) in enumerate(pairs)
             ]
             member.finished = True
             sink.image_result(member.request_id, images, member.warnings, seconds)
+
+    def _parameters(self, job: TextToImageJob, seed: int) -> dict[str, str] | None:
+        """PNG text chunks describing how the image with ``seed`` was made."""
+        if not job.embed_parameters:
+            return None
+        sampler = SAMPLER_LABELS.get(job.scheduler) or type(self._schedulers[""]).__name__
+        return {"parameters": parameters_text(job, seed, self.name, sampler)}
 
     def _truncation_warnings(self, job: TextToImageJob) -> list[str]:
         """Warnings naming the text CLIP will not see: the pipeline keeps the

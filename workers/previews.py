@@ -14,7 +14,7 @@ import io
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 #: SD 1.5 latent channel -> (R, G, B) contribution; rows are channels 0..3.
 LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
@@ -142,14 +142,21 @@ def mime_type(fmt: str) -> str:
         raise ValueError(f"unsupported image format {fmt!r}; use PNG, JPEG or WEBP") from None
 
 
-def encode_image(image: Image.Image, fmt: str, quality: int = 95) -> bytes:
-    """``image`` encoded as PNG (lossless; ``quality`` ignored), JPEG or WEBP
-    (lossy, ``quality`` 1..100)."""
+def encode_image(
+    image: Image.Image, fmt: str, quality: int = 95, text: dict[str, str] | None = None
+) -> bytes:
+    """``image`` encoded as PNG (lossless; ``quality`` ignored; ``text`` written
+    as tEXt/iTXt chunks), JPEG or WEBP (lossy, ``quality`` 1..100)."""
     fmt = fmt.upper()
     mime_type(fmt)  # rejects unsupported formats with a clear message
     buffer = io.BytesIO()
     if fmt == "PNG":
-        image.save(buffer, format="PNG")
+        info = None
+        if text:
+            info = PngImagePlugin.PngInfo()
+            for key, value in text.items():
+                info.add_itxt(key, value)
+        image.save(buffer, format="PNG", pnginfo=info)
     else:
         # JPEG has no alpha channel; WEBP would keep one nobody asked for.
         image.convert("RGB").save(buffer, format=fmt, quality=quality)

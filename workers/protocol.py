@@ -64,6 +64,10 @@ class TextToImageJob(msgspec.Struct, tag="text_to_image", frozen=True):
     preview_max_size: int
     # A name from imago.workers.schedulers.SCHEDULERS; "" for the model's own.
     scheduler: str = ""
+    # Quality (1..100) of JPEG and WebP results.
+    output_quality: int = 95
+    # Embed the generation parameters in PNG results.
+    embed_parameters: bool = True
 
 
 class ImageToImageJob(TextToImageJob, tag="image_to_image", frozen=True):

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "output_format", "previews", "scheduler", "text_to_image", "image_to_image", "inpaint")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "output_format", "previews", "scheduler", "output_quality", "omit_parameters", "text_to_image", "image_to_image", "inpaint")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,8 @@ class GenerateRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     PREVIEWS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    OMIT_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     TEXT_TO_IMAGE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TO_IMAGE_FIELD_NUMBER: _ClassVar[int]
     INPAINT_FIELD_NUMBER: _ClassVar[int]
@@ -34,10 +36,12 @@ class GenerateRequest(_message.Message):
     output_format: _common_pb2.ImageFormat
     previews: PreviewOptions
     scheduler: str
+    output_quality: int
+    omit_parameters: bool
     text_to_image: TextToImage
     image_to_image: ImageToImage
     inpaint: Inpaint
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., previews: _Optional[_Union[PreviewOptions, _Mapping]] = ..., scheduler: _Optional[str] = ..., text_to_image: _Optional[_Union[TextToImage, _Mapping]] = ..., image_to_image: _Optional[_Union[ImageToImage, _Mapping]] = ..., inpaint: _Optional[_Union[Inpaint, _Mapping]] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., previews: _Optional[_Union[PreviewOptions, _Mapping]] = ..., scheduler: _Optional[str] = ..., output_quality: _Optional[int] = ..., omit_parameters: _Optional[bool] = ..., text_to_image: _Optional[_Union[TextToImage, _Mapping]] = ..., image_to_image: _Optional[_Union[ImageToImage, _Mapping]] = ..., inpaint: _Optional[_Union[Inpaint, _Mapping]] = ...) -> None: ...
 
 class TextToImage(_message.Message):
     __slots__ = ()
