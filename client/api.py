@@ -186,9 +186,11 @@ def generate_request(
     strength: float = 0.0,
     output_quality: int = 0,
     omit_parameters: bool = False,
+    mask_image: ImageInput | None = None,
 ) -> imagegen_pb2.GenerateRequest:
-    """A GenerateRequest: image-to-image when ``init_image`` is given, else
-    text-to-image; see :meth:`ImagoClient.generate`."""
+    """A GenerateRequest: inpainting when ``init_image`` and ``mask_image`` are
+    given, image-to-image with ``init_image`` alone, else text-to-image; see
+    :meth:`ImagoClient.generate`."""
     request = imagegen_pb2.GenerateRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -206,7 +208,13 @@ def generate_request(
         output_quality=output_quality,
         omit_parameters=omit_parameters,
     )
-    if init_image is None:
+    if mask_image is not None:
+        if init_image is None:
+            raise ValueError("mask_image needs init_image, the image to repaint")
+        request.inpaint.image.CopyFrom(_image_message(init_image))
+        request.inpaint.mask.CopyFrom(_image_message(mask_image))
+        request.inpaint.strength = strength
+    elif init_image is None:
         request.text_to_image.SetInParent()
     else:
         request.image_to_image.init_image.CopyFrom(_image_message(init_image))
@@ -319,12 +327,15 @@ class ImagoClient(_ClientBase):
         strength: float = 0.0,
         output_quality: int = 0,
         omit_parameters: bool = False,
+        mask_image: ImageInput | None = None,
     ) -> Iterator[imagegen_pb2.GenerateResponse]:
         """Streams the events of one generation: text-to-image, or
         image-to-image when ``init_image`` (bytes, a path or a PIL image) is
         given, redrawing it by ``strength`` in (0, 1] (0: the server's 0.8;
         the steps run are steps x strength, and the output takes the init
-        image's size unless ``width`` and ``height`` say otherwise).
+        image's size unless ``width`` and ``height`` say otherwise). With a
+        ``mask_image`` as well it inpaints: white mask pixels are repainted
+        (``strength`` 0 means 1).
 
         Events come in order: queued (again when the position changes),
         started, progress for every step with a preview every

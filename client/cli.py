@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the generation parameters out of PNG files",
     )
     add("--init", metavar="IMG", help="redraw this image (image-to-image) instead of drawing anew")
+    add("--mask", metavar="IMG", help="with --init: repaint where this mask is white (inpainting)")
     add(
         "--strength",
         type=float,
@@ -269,7 +270,11 @@ def _generate(args: argparse.Namespace) -> int:
         preview_every = 1 if args.preview_every is None else args.preview_every
         with _local("create", args.previews):
             args.previews.mkdir(parents=True, exist_ok=True)
+    if args.mask is not None and args.init is None:
+        print("error: --mask needs --init IMG, the image to repaint", file=sys.stderr)
+        return 2
     init = None if args.init is None else _read(args.init)
+    mask = None if args.mask is None else _read(args.mask)
     fmt = output_format(args.output, args.format)
     with _local("create", args.output.parent):
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -293,6 +298,7 @@ def _generate(args: argparse.Namespace) -> int:
             strength=args.strength,
             output_quality=args.quality,
             omit_parameters=args.omit_parameters,
+            mask_image=mask,
         )
         for event in events:
             kind = event.WhichOneof("event")

@@ -19,6 +19,7 @@ from imago.v1 import caption_pb2, common_pb2, imagegen_pb2, vqa_pb2
 from imago.workers.protocol import (
     CaptionJob,
     ImageToImageJob,
+    InpaintJob,
     ModelInfo,
     TextSettings,
     TextToImageJob,
@@ -238,6 +239,30 @@ def image_to_image_job(
     return job, init
 
 
+def inpaint_job(
+    request: imagegen_pb2.GenerateRequest, model: ModelInfo, limits: Limits
+) -> tuple[InpaintJob, bytes, bytes]:
+    """Resolve a GenerateRequest whose task is inpaint; also return the image's
+    and the mask's bytes. Width and height default to the image's size, rounded
+    down to multiples of 8; a mask of another size is resized by the worker,
+    which says so in the result's warnings."""
+    task = request.inpaint
+    image = check_image(task.image, "inpaint.image", limits)
+    mask = check_image(task.mask, "inpaint.mask", limits)
+    image_width, image_height = image_size(image)
+    width = _size("width", request.width, max(64, image_width // 8 * 8), limits)
+    height = _size("height", request.height, max(64, image_height // 8 * 8), limits)
+    strength = decimal(task.strength) or 1.0
+    _in_range("inpaint.strength", strength, 0.0, 1.0, low_open=True)
+    job = InpaintJob(**_generation(request, limits, width, height), strength=strength)
+    if job.steps_run < 1:
+        raise invalid(
+            "inpaint.strength",
+            f"steps x strength must be at least 1 step, got {job.steps} x {strength:g}",
+        )
+    return job, image, mask
+
+
 def generate_job(
     request: imagegen_pb2.GenerateRequest, model: ModelInfo, limits: Limits
 ) -> tuple[TextToImageJob, list[bytes]]:
@@ -250,6 +275,5 @@ def generate_job(
     if task == "image_to_image":
         job, init = image_to_image_job(request, model, limits)
         return job, [init]
-    raise RequestError(
-        grpc.StatusCode.UNIMPLEMENTED, f"{task} is not supported by this server yet", task
-    )
+    job, image, mask = inpaint_job(request, model, limits)
+    return job, [image, mask]

@@ -72,6 +72,23 @@ def test_generate_redraws_an_init_image_with_a_scheduler(server, tmp_path):
     assert Image.open(out).size == (96, 72)
 
 
+def test_generate_inpaints_where_the_mask_is_white(server, tmp_path):
+    init, mask, out = tmp_path / "init.png", tmp_path / "mask.png", tmp_path / "painted.png"
+    init.write_bytes(png_bytes(size=(96, 72)))
+    mask.write_bytes(png_bytes(size=(96, 72), color=(255, 255, 255)))
+    args = ["generate", "a door", "-o", str(out), "--init", str(init), "--mask", str(mask)]
+    result = imago(server, *args, "--steps", "3")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (96, 72)
+
+
+def test_a_mask_without_an_image_to_repaint_exits_2(server, tmp_path):
+    mask = tmp_path / "mask.png"
+    mask.write_bytes(png_bytes())
+    result = imago(server, "generate", "a door", "-o", str(tmp_path / "o.png"), "--mask", str(mask))
+    assert result.returncode == 2 and "--init" in result.stderr
+
+
 def test_generate_with_a_missing_init_image_exits_2(server, tmp_path):
     args = ["generate", "a fox", "-o", str(tmp_path / "o.png"), "--init", str(tmp_path / "no")]
     result = imago(server, *args)

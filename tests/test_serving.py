@@ -184,13 +184,6 @@ def test_no_previews_unless_asked(channel):
     assert "preview" not in kinds(generate(channel, steps=3))
 
 
-def test_inpaint_answers_unimplemented(channel):
-    task = imagegen_pb2.Inpaint(image=image(), mask=image())
-    with pytest.raises(grpc.RpcError) as caught:
-        generate(channel, text_to_image=None, inpaint=task)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_photo_larger_than_grpcs_4mib_default_is_accepted(channel):
     noise = Image.frombytes("RGB", (1400, 1400), os.urandom(1400 * 1400 * 3))
     buffer = io.BytesIO()

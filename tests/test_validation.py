@@ -138,9 +138,30 @@ def test_generate_without_a_task_is_invalid():
     assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "task")
 
 
-def test_inpaint_is_not_implemented_yet():
-    request = imagegen_pb2.GenerateRequest(prompt="a fox", inpaint=imagegen_pb2.Inpaint())
-    assert rejected(generate_job, request, SD, LIMITS).code == grpc.StatusCode.UNIMPLEMENTED
+def inpaint(image_size=(100, 70), mask_size=(100, 70), **task) -> imagegen_pb2.GenerateRequest:
+    image = common_pb2.Image(data=png_bytes(size=image_size))
+    mask = common_pb2.Image(data=png_bytes(size=mask_size))
+    return imagegen_pb2.GenerateRequest(
+        prompt="a fox", inpaint=imagegen_pb2.Inpaint(image=image, mask=mask, **task)
+    )
+
+
+def test_inpaint_takes_the_images_size_full_strength_and_both_images():
+    job, images = generate_job(inpaint(mask_size=(20, 20)), SD, LIMITS)
+    assert (job.width, job.height, job.strength, job.steps_run) == (96, 64, 1.0, 30)
+    assert len(images) == 2
+
+
+def test_a_mask_that_is_not_an_image_names_the_field():
+    request = inpaint()
+    request.inpaint.mask.data = b"white where it should change"
+    error = rejected(generate_job, request, SD, LIMITS)
+    assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "inpaint.mask.data")
+
+
+def test_inpaint_strength_out_of_range_names_the_field():
+    error = rejected(generate_job, inpaint(strength=2.0), SD, LIMITS)
+    assert error.field == "inpaint.strength"
 
 
 def img2img(size=(100, 70), **task) -> imagegen_pb2.GenerateRequest:

@@ -20,7 +20,6 @@ call stops before the VAE decode.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Iterator
@@ -30,11 +29,17 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
+from imago.workers.inputs import InputError, JobInputs, job_inputs
 from imago.workers.parameters import SAMPLER_LABELS, parameters_text
 from imago.workers.presets import STABLE_DIFFUSION
 from imago.workers.previews import (
@@ -47,6 +52,7 @@ from imago.workers.previews import (
 from imago.workers.protocol import (
     ImageMeta,
     ImageToImageJob,
+    InpaintJob,
     ModelInfo,
     TextToImageJob,
     batch_key,
@@ -66,8 +72,8 @@ class _Member:
 
     request_id: str
     job: TextToImageJob
-    #: The decoded init image of an image-to-image request, at the output size.
-    init: Image.Image | None = None
+    #: Decoded input images of image-to-image and inpainting, at the output size.
+    inputs: JobInputs | None = None
     #: Index of the request's image 0 among the rows of the group call.
     row: int = 0
     #: True once the request got its result or failure: it gets no more events.
@@ -172,10 +178,18 @@ class StableDiffusionRunner(Runner):
         # Named schedulers built from the checkpoint's own config; "" is its own.
         self._schedulers: dict[str, SchedulerMixin] = {"": pipe.scheduler}
         # Image-to-image shares every component (and so every weight) with pipe.
+        # Image-to-image and inpainting share every component (every weight) with
+        # pipe. With a text-to-image UNet, inpainting blends the kept area back
+        # in at each step (diffusers' generic inpainting).
+        checker = pipe.config.requires_safety_checker
         self.img2img = StableDiffusionImg2ImgPipeline(
-            **pipe.components, requires_safety_checker=pipe.config.requires_safety_checker
+            **pipe.components, requires_safety_checker=checker
         )
-        self.img2img.set_progress_bar_config(disable=True)
+        self.inpaint = StableDiffusionInpaintPipeline(
+            **pipe.components, requires_safety_checker=checker
+        )
+        for extra in (self.img2img, self.inpaint):
+            extra.set_progress_bar_config(disable=True)
 
     def scheduler_template(self, name: str) -> SchedulerMixin:
         """The scheduler called ``name`` (see imago.workers.schedulers), built once
@@ -228,8 +242,10 @@ class StableDiffusionRunner(Runner):
                 continue
             member = _Member(rid, job)
             if isinstance(job, ImageToImageJob):
-                member.init = self._init_image(request, sink)
-                if member.init is None:
+                try:
+                    member.inputs = job_inputs(job, request.images)
+                except InputError as exc:
+                    sink.failed(rid, "INVALID_ARGUMENT", str(exc), exc.field)
                     continue
             groups.setdefault(batch_key(job), []).append(member)
         for members in groups.values():
@@ -242,25 +258,6 @@ class StableDiffusionRunner(Runner):
                 ids = ", ".join(member.request_id for member in members)
                 logger.exception("requests %s failed", ids)
                 self._fail_unfinished(members, sink, "INTERNAL", f"{type(exc).__name__}: {exc}")
-
-    @staticmethod
-    def _init_image(request: Request, sink: EventSink) -> Image.Image | None:
-        """The request's init image as RGB at the output size; None (and the
-        request failed) when it cannot be decoded."""
-        job = request.job
-        field = "image_to_image.init_image.data"
-        if not request.images:
-            sink.failed(request.request_id, "INVALID_ARGUMENT", "an init image is required", field)
-            return None
-        try:
-            with Image.open(io.BytesIO(request.images[0])) as opened:
-                image = opened.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            sink.failed(request.request_id, "INVALID_ARGUMENT", f"cannot decode: {exc}", field)
-            return None
-        if image.size != (job.width, job.height):
-            image = image.resize((job.width, job.height), Image.Resampling.LANCZOS)
-        return image
 
     @staticmethod
     def _fail_unfinished(members: list[_Member], sink: EventSink, code: str, message: str) -> None:
@@ -287,7 +284,8 @@ class StableDiffusionRunner(Runner):
         for member in members:
             member.row, row = row, row + member.job.num_images
             sink.started(member.request_id, total_steps=steps_run)
-            member.warnings = self._truncation_warnings(member.job)
+            notes = member.inputs.notes if member.inputs else []
+            member.warnings = notes + self._truncation_warnings(member.job)
         rows = [(member, i) for member in members for i in range(member.job.num_images)]
         arguments: dict[str, Any] = {
             "prompt": [member.job.prompt for member, _ in rows],
@@ -300,9 +298,19 @@ class StableDiffusionRunner(Runner):
                 torch.Generator("cpu").manual_seed(member.job.seed + i) for member, i in rows
             ],
         }
-        if isinstance(job, ImageToImageJob):
+        if isinstance(job, InpaintJob):
+            pipe = self.inpaint
+            arguments.update(
+                image=[member.inputs.image for member, _ in rows],
+                mask_image=[member.inputs.mask for member, _ in rows],
+                strength=job.strength,
+                width=job.width,
+                height=job.height,
+            )
+        elif isinstance(job, ImageToImageJob):
             pipe = self.img2img
-            arguments.update(image=[member.init for member, _ in rows], strength=job.strength)
+            images = [member.inputs.image for member, _ in rows]
+            arguments.update(image=images, strength=job.strength)
         else:
             pipe = self.pipe
             arguments.update(width=job.width, height=job.height)

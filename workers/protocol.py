@@ -82,7 +82,13 @@ class ImageToImageJob(TextToImageJob, tag="image_to_image", frozen=True):
         return min(int(self.steps * self.strength), self.steps)
 
 
-Job = CaptionJob | VqaJob | TextToImageJob | ImageToImageJob
+class InpaintJob(ImageToImageJob, tag="inpaint", frozen=True):
+    """Repaint the white part of the mask (frame 1) over the image (frame 0),
+    both resized to ``width`` x ``height``. ``strength`` as for image-to-image;
+    1 repaints the masked area from pure noise."""
+
+
+Job = CaptionJob | VqaJob | TextToImageJob | ImageToImageJob | InpaintJob
 
 
 def batch_key(job: Job) -> tuple | None:
@@ -103,7 +109,7 @@ def batch_key(job: Job) -> tuple | None:
         return ("text", msgspec.structs.replace(job.settings, seed=0))
     if isinstance(job, ImageToImageJob):
         return (
-            "image_to_image",
+            "inpaint" if isinstance(job, InpaintJob) else "image_to_image",
             job.width,
             job.height,
             job.steps,
