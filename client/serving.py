@@ -39,7 +39,8 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         default=[],
         metavar="FAMILY=SOURCE",
         help="serve SOURCE (hub id or directory) for FAMILY (blip2, stable-diffusion) "
-        "instead of the preset's; repeatable",
+        "instead of the preset's; inpaint=SOURCE names a dedicated inpainting checkpoint, "
+        "inpaint= none; repeatable",
     )
     p.add_argument(
         "--max-batch-size",

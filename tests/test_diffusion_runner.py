@@ -473,3 +473,19 @@ def test_a_failing_call_fails_every_unfinished_member(
     failures = [(f["request_id"], f["code"]) for f in sink.of("failed")]
     assert failures == [("c", "CANCELLED"), ("a", "INTERNAL"), ("b", "INTERNAL")]
     assert "decoder exploded" in sink.of("failed")[1]["message"]
+
+
+def test_an_inpaint_checkpoint_must_take_nine_channels(tmp_path):
+    from imago.workers import tiny
+
+    base = tiny.ensure("stable-diffusion", tmp_path)
+    with pytest.raises(ValueError, match="not an inpainting checkpoint"):
+        StableDiffusionRunner.load("sd", str(base), "cpu", inpaint=str(base))
+
+
+def test_unknown_extra_sources_are_refused(tmp_path):
+    from imago.workers import tiny
+
+    base = tiny.ensure("stable-diffusion", tmp_path)
+    with pytest.raises(ValueError, match="refiner"):
+        StableDiffusionRunner.load("sd", str(base), "cpu", refiner=str(base))

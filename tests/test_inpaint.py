@@ -8,7 +8,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionInpaintPipeline
+from conftest import start_server
+from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 from PIL import Image
 
 from imago.client.api import ImagoClient
@@ -42,14 +43,13 @@ def client(server):
         yield imago
 
 
-def test_served_inpainting_equals_direct_diffusers(client, model_cache):
+def assert_equals_direct(client: ImagoClient, checkpoint) -> None:
+    """Inpainting served by ``client`` equals diffusers' on ``checkpoint``."""
     image, mask = gradient(), square_mask()
     served = client.generate_result(
         "a red door", init_image=png(image), mask_image=png(mask), steps=6, seed=17
     )
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(
-        tiny.ensure("stable-diffusion", model_cache)
-    )
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(checkpoint)
     pipe.set_progress_bar_config(disable=True)
     direct = pipe(
         "a red door", image=image, mask_image=mask, num_inference_steps=6, strength=1.0,
@@ -57,6 +57,21 @@ def test_served_inpainting_equals_direct_diffusers(client, model_cache):
     ).images[0]  # fmt: skip
     assert np.abs(pixels(served.images[0].image.data) - np.asarray(direct, np.int16)).max() <= 1
     assert not served.warnings
+
+
+def test_the_dedicated_inpainting_checkpoint_is_used_and_equals_diffusers(client, model_cache):
+    checkpoint = tiny.ensure("stable-diffusion-inpaint", model_cache)
+    assert UNet2DConditionModel.load_config(checkpoint / "unet")["in_channels"] == 9
+    assert_equals_direct(client, checkpoint)
+
+
+def test_without_one_generic_inpainting_equals_diffusers_on_the_base_model(model_cache, tmp_path):
+    server = start_server(model_cache, tmp_path, "--workers", "1", "--model", "inpaint=")
+    try:
+        with ImagoClient(server.target, timeout=120) as generic:
+            assert_equals_direct(generic, tiny.ensure("stable-diffusion", model_cache))
+    finally:
+        assert server.stop() == 0
 
 
 def test_a_mask_of_another_size_is_resized_and_the_result_says_so(client):

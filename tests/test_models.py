@@ -46,6 +46,15 @@ def test_malformed_batch_limits_are_refused(sizes, delays, message):
         with_batching(preset("tiny"), sizes, delays)
 
 
+def test_an_inpaint_override_sets_or_removes_the_dedicated_checkpoint():
+    tiny_sd = {m.family: m for m in preset("tiny")}[STABLE_DIFFUSION]
+    assert tiny_sd.extras == (("inpaint", "tiny:stable-diffusion-inpaint"),)
+    (sd,) = [m for m in with_overrides(preset("tiny"), ("inpaint=/ckpt/inpainting",)) if m.extras]
+    assert sd.extras == (("inpaint", "/ckpt/inpainting"),)
+    generic = {m.family: m for m in with_overrides(preset("tiny"), ("inpaint=",))}
+    assert generic[STABLE_DIFFUSION].extras == ()
+
+
 def test_a_hub_id_override_is_named_after_its_repository():
     (model,) = [m for m in with_overrides((), ("blip2=Salesforce/blip2-opt-6.7b",))]
     assert model.name == "blip2-opt-6.7b"

@@ -107,7 +107,9 @@ class Blip2Runner(Runner):
         self.pixel_dtype = model.vision_model.dtype
 
     @classmethod
-    def load(cls, name: str, source: str, device: str) -> Blip2Runner:
+    def load(cls, name: str, source: str, device: str, **extras: str) -> Blip2Runner:
+        if extras:
+            raise ValueError(f"BLIP-2 models take no extra sources, got {', '.join(extras)}")
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         try:
             processor = Blip2Processor.from_pretrained(source)

@@ -154,6 +154,18 @@ class _StepReporter:
         )
 
 
+def _load(pipeline_class: type[DiffusionPipeline], name: str, source: str, dtype: torch.dtype):
+    try:
+        # trust_remote_code stays at its default (off): a checkpoint may not
+        # bring its own pipeline code.
+        return pipeline_class.from_pretrained(source, dtype=dtype)
+    except Exception as exc:
+        raise RuntimeError(
+            f"cannot load Stable Diffusion model {name!r} from {source!r}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
 @contextmanager
 def _swapped_scheduler(pipe: DiffusionPipeline, scheduler: SchedulerMixin) -> Iterator[None]:
     """Run ``pipe`` with ``scheduler`` for the duration of the block. A worker
@@ -171,21 +183,30 @@ class StableDiffusionRunner(Runner):
 
     family = STABLE_DIFFUSION
 
-    def __init__(self, name: str, source: str, pipe: StableDiffusionPipeline) -> None:
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        pipe: StableDiffusionPipeline,
+        inpaint: StableDiffusionInpaintPipeline | None = None,
+    ) -> None:
+        """``inpaint`` is a dedicated inpainting checkpoint's pipeline (a UNet
+        taking 9 channels); without one, inpainting runs on ``pipe``'s UNet and
+        blends the kept area back in at each step (diffusers' generic
+        inpainting)."""
         self.name = name
         self.source = source
         self.pipe = pipe
         # Named schedulers built from the checkpoint's own config; "" is its own.
         self._schedulers: dict[str, SchedulerMixin] = {"": pipe.scheduler}
-        # Image-to-image shares every component (and so every weight) with pipe.
-        # Image-to-image and inpainting share every component (every weight) with
-        # pipe. With a text-to-image UNet, inpainting blends the kept area back
-        # in at each step (diffusers' generic inpainting).
+        # Image-to-image (and generic inpainting) share every component, and so
+        # every weight, with pipe.
         checker = pipe.config.requires_safety_checker
         self.img2img = StableDiffusionImg2ImgPipeline(
             **pipe.components, requires_safety_checker=checker
         )
-        self.inpaint = StableDiffusionInpaintPipeline(
+        self.dedicated_inpaint = inpaint is not None
+        self.inpaint = inpaint or StableDiffusionInpaintPipeline(
             **pipe.components, requires_safety_checker=checker
         )
         for extra in (self.img2img, self.inpaint):
@@ -203,24 +224,29 @@ class StableDiffusionRunner(Runner):
         return self._schedulers[name]
 
     @classmethod
-    def load(cls, name: str, source: str, device: str) -> StableDiffusionRunner:
-        """Load ``source`` (a diffusers directory or a hub id) in float16 on
+    def load(
+        cls, name: str, source: str, device: str, inpaint: str = "", **extras: str
+    ) -> StableDiffusionRunner:
+        """Load ``source`` (a diffusers directory or a hub id), and the
+        dedicated inpainting checkpoint ``inpaint`` when given, in float16 on
         CUDA and float32 elsewhere."""
+        if extras:
+            raise ValueError(f"unknown extra sources for {name!r}: {', '.join(extras)}")
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         # Its loading bar would interleave with other workers' lines in the server log.
         diffusers_logging.disable_progress_bar()
-        try:
-            # trust_remote_code stays at its default (off): a checkpoint may
-            # not bring its own pipeline code.
-            pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype)
-        except Exception as exc:
-            raise RuntimeError(
-                f"cannot load Stable Diffusion model {name!r} from {source!r}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        pipe = pipe.to(device)
+        pipe = _load(StableDiffusionPipeline, name, source, dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
-        return cls(name, source, pipe)
+        dedicated = None
+        if inpaint:
+            dedicated = _load(StableDiffusionInpaintPipeline, name, inpaint, dtype).to(device)
+            channels = dedicated.unet.config.in_channels
+            if channels != 9:
+                raise ValueError(
+                    f"{inpaint!r} is not an inpainting checkpoint: its UNet takes "
+                    f"{channels} channels, not 9"
+                )
+        return cls(name, source, pipe, dedicated)
 
     def info(self) -> ModelInfo:
         return ModelInfo(

@@ -152,7 +152,8 @@ def load_runners(specs: list[ModelSpec], device: str, cache_dir: str | None) -> 
         root = Path(cache_dir) if cache_dir else None
         try:
             source = tiny.resolve(spec.source, root)
-            runners[spec.name] = runner_class.load(spec.name, source, device)
+            extras = {role: tiny.resolve(extra, root) for role, extra in spec.extras}
+            runners[spec.name] = runner_class.load(spec.name, source, device, **extras)
         except Exception as exc:
             raise RuntimeError(f"model {spec.name!r} could not be loaded: {exc}") from exc
     return runners

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 
 BLIP2 = "blip2"
 STABLE_DIFFUSION = "stable-diffusion"
+#: Role of a dedicated inpainting checkpoint among a Stable Diffusion model's extras.
+INPAINT = "inpaint"
 
 #: Services each family answers.
 FAMILY_SERVICES: dict[str, tuple[str, ...]] = {
@@ -51,6 +53,10 @@ class ModelSpec:
     family: str
     source: str
     batching: BatchPolicy | None = None
+    # Further sources by role, as (role, source) pairs the family's runner
+    # understands: Stable Diffusion takes ("inpaint", a dedicated inpainting
+    # checkpoint).
+    extras: tuple[tuple[str, str], ...] = ()
 
     @property
     def batch_policy(self) -> BatchPolicy:
@@ -60,11 +66,21 @@ class ModelSpec:
 PRESETS: dict[str, tuple[ModelSpec, ...]] = {
     "tiny": (
         ModelSpec("blip2-tiny", BLIP2, "tiny:blip2"),
-        ModelSpec("sd-tiny", STABLE_DIFFUSION, "tiny:stable-diffusion"),
+        ModelSpec(
+            "sd-tiny",
+            STABLE_DIFFUSION,
+            "tiny:stable-diffusion",
+            extras=(("inpaint", "tiny:stable-diffusion-inpaint"),),
+        ),
     ),
     "default": (
         ModelSpec("blip2-opt-2.7b-coco", BLIP2, "Salesforce/blip2-opt-2.7b-coco"),
-        ModelSpec("sd15", STABLE_DIFFUSION, "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        ModelSpec(
+            "sd15",
+            STABLE_DIFFUSION,
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            extras=(("inpaint", "stable-diffusion-v1-5/stable-diffusion-inpainting"),),
+        ),
     ),
 }
 
@@ -120,10 +136,19 @@ def with_overrides(
     models: tuple[ModelSpec, ...], overrides: tuple[str, ...]
 ) -> tuple[ModelSpec, ...]:
     """``models`` with each "family=source" override replacing (or adding) the
-    model of that family. The model is named after the source's last part."""
+    model of that family. The model is named after the source's last part.
+
+    "inpaint=SOURCE" gives the Stable Diffusion model a dedicated inpainting
+    checkpoint instead; "inpaint=" takes it away (generic inpainting)."""
     chosen = {spec.family: spec for spec in models}
     for override in overrides:
         family, sep, source = override.partition("=")
+        if family == INPAINT and sep:
+            if STABLE_DIFFUSION not in chosen:
+                raise ValueError(f"{override!r}: there is no Stable Diffusion model to give it")
+            extras = ((INPAINT, source),) if source else ()
+            chosen[STABLE_DIFFUSION] = replace(chosen[STABLE_DIFFUSION], extras=extras)
+            continue
         if not sep or not source:
             raise ValueError(f"model override {override!r} is not FAMILY=SOURCE")
         if family not in FAMILY_SERVICES:

@@ -81,9 +81,11 @@ class Runner(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, name: str, source: str, device: str) -> Runner:
+    def load(cls, name: str, source: str, device: str, **extras: str) -> Runner:
         """Load the model named ``name`` from ``source`` (a local directory or
-        a hub id) onto ``device`` ("cpu", "cuda")."""
+        a hub id) onto ``device`` ("cpu", "cuda"). ``extras`` are further
+        sources by role (see ModelSpec.extras); a role the family does not
+        know is a ValueError."""
 
     @abc.abstractmethod
     def info(self) -> ModelInfo:

@@ -130,13 +130,28 @@ def _train_tokenizer() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def build(path: Path) -> None:
     """Write a complete tiny Stable Diffusion checkpoint to ``path``, loadable
     with ``StableDiffusionPipeline.from_pretrained(path)``."""
+    from diffusers import StableDiffusionPipeline
+
+    components = _components(unet_in_channels=4, unet_seed=SEED + 1)
+    StableDiffusionPipeline(**components).save_pretrained(path, safe_serialization=True)
+
+
+def build_inpaint(path: Path) -> None:
+    """Write a tiny dedicated inpainting checkpoint to ``path``, loadable with
+    ``StableDiffusionInpaintPipeline.from_pretrained(path)``: the same text
+    encoder, VAE and scheduler as :func:`build`, and a UNet that takes 9
+    channels (noisy latents, mask, masked-image latents) as SD 1.5
+    inpainting's does."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    components = _components(unet_in_channels=9, unet_seed=SEED + 3)
+    StableDiffusionInpaintPipeline(**components).save_pretrained(path, safe_serialization=True)
+
+
+def _components(unet_in_channels: int, unet_seed: int) -> dict:
+    """Seeded pipeline components; only the UNet depends on the arguments."""
     # Imported here so that listing the tiny builders stays cheap.
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab, merges = _train_tokenizer()
@@ -166,10 +181,10 @@ def build(path: Path) -> None:
         )
     )
 
-    torch.manual_seed(SEED + 1)
+    torch.manual_seed(unet_seed)
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=unet_in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -208,15 +223,14 @@ def build(path: Path) -> None:
         prediction_type="epsilon",
     )
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path, safe_serialization=True)
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+        "requires_safety_checker": False,
+    }
