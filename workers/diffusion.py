@@ -24,7 +24,6 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import diffusers
@@ -37,17 +36,14 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging as diffusers_logging
-from PIL import Image
 
-from imago.workers.inputs import InputError, JobInputs, job_inputs
+from imago.workers.inputs import InputError, job_inputs
 from imago.workers.parameters import SAMPLER_LABELS, parameters_text
 from imago.workers.presets import STABLE_DIFFUSION
 from imago.workers.previews import (
     X0Capture,
     encode_image,
-    latents_to_rgb,
     mime_type,
-    preview_size,
 )
 from imago.workers.protocol import (
     ImageMeta,
@@ -59,99 +55,9 @@ from imago.workers.protocol import (
 )
 from imago.workers.runner import Cancelled, EventSink, Request, Runner
 from imago.workers.schedulers import SCHEDULERS
+from imago.workers.steps import Member, StepReporter
 
 logger = logging.getLogger(__name__)
-
-#: Quality of lossy previews: they are small and short-lived, bytes matter more.
-PREVIEW_QUALITY = 85
-
-
-@dataclass
-class _Member:
-    """One request of a group call and where its images sit in it."""
-
-    request_id: str
-    job: TextToImageJob
-    #: Decoded input images of image-to-image and inpainting, at the output size.
-    inputs: JobInputs | None = None
-    #: Index of the request's image 0 among the rows of the group call.
-    row: int = 0
-    #: True once the request got its result or failure: it gets no more events.
-    finished: bool = False
-    warnings: list[str] = field(default_factory=list)
-
-
-class _StepReporter:
-    """The pipeline's ``callback_on_step_end`` for one group call: checks
-    every live request for cancellation, reports progress and sends previews.
-
-    Steps are counted the way diffusers' own progress bar counts them, so the
-    last step is ``steps`` even for schedulers that run more model calls than
-    steps (PNDM repeats its first timestep; second-order schedulers call the
-    model twice per step). Members share the step count: their batch key fixes it.
-    """
-
-    def __init__(
-        self, members: list[_Member], steps: int, sink: EventSink, capture: X0Capture
-    ) -> None:
-        self.members = members
-        self.steps = steps
-        self.sink = sink
-        self.capture = capture
-        self.steps_done = 0
-        self.started_at = time.perf_counter()
-
-    def live(self) -> list[_Member]:
-        return [member for member in self.members if not member.finished]
-
-    def __call__(
-        self, pipe: StableDiffusionPipeline, i: int, t: Any, kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
-        message = f"cancelled after {self.steps_done} of {self.steps} steps"
-        for member in self.live():
-            if self.sink.is_cancelled(member.request_id):
-                # Its rows go on being computed with the others' (dropping rows
-                # mid-call is not something the pipeline supports); only its
-                # events stop.
-                member.finished = True
-                self.sink.failed(member.request_id, "CANCELLED", message)
-        live = self.live()
-        if not live:
-            # Nobody wants the result: skip the remaining steps and the decode.
-            raise Cancelled(message)
-        calls, order = pipe.num_timesteps, pipe.scheduler.order
-        warmup = calls - self.steps * order
-        if i == calls - 1 or (i + 1 > warmup and (i + 1) % order == 0):
-            self.steps_done += 1
-            elapsed = time.perf_counter() - self.started_at
-            x0: torch.Tensor | None = None
-            for member in live:
-                self.sink.progress(member.request_id, self.steps_done, self.steps, elapsed)
-                every = member.job.preview_every
-                if every > 0 and self.steps_done % every == 0:
-                    # x0 of the whole call, computed at most once per step.
-                    x0 = self.capture.x0() if x0 is None else x0
-                    if x0 is not None:
-                        self._preview(member, x0)
-        return kwargs
-
-    def _preview(self, member: _Member, x0: torch.Tensor) -> None:
-        # The request's image 0 only, as ComfyUI does: one preview stream per
-        # request. It is shown where the final image will be, so it takes the
-        # output's shape.
-        job = member.job
-        size = preview_size(job.width, job.height, job.preview_max_size)
-        image = latents_to_rgb(x0[member.row]).resize(size, Image.Resampling.BILINEAR)
-        data = encode_image(image, job.preview_format, quality=PREVIEW_QUALITY)
-        self.sink.preview(
-            member.request_id,
-            self.steps_done,
-            0,
-            data,
-            mime_type(job.preview_format),
-            image.width,
-            image.height,
-        )
 
 
 def _load(pipeline_class: type[DiffusionPipeline], name: str, source: str, dtype: torch.dtype):
@@ -260,13 +166,13 @@ class StableDiffusionRunner(Runner):
     def run(self, batch: list[Request], sink: EventSink) -> None:
         # Requests whose batch key agrees share one pipeline call; the others
         # run in calls of their own, one group after the other in batch order.
-        groups: dict[tuple | None, list[_Member]] = {}
+        groups: dict[tuple | None, list[Member]] = {}
         for request in batch:
             rid, job = request.request_id, request.job
             if not isinstance(job, TextToImageJob):
                 sink.failed(rid, "INVALID_ARGUMENT", f"{self.name} runs image generation jobs only")
                 continue
-            member = _Member(rid, job)
+            member = Member(rid, job)
             if isinstance(job, ImageToImageJob):
                 try:
                     member.inputs = job_inputs(job, request.images)
@@ -286,14 +192,14 @@ class StableDiffusionRunner(Runner):
                 self._fail_unfinished(members, sink, "INTERNAL", f"{type(exc).__name__}: {exc}")
 
     @staticmethod
-    def _fail_unfinished(members: list[_Member], sink: EventSink, code: str, message: str) -> None:
+    def _fail_unfinished(members: list[Member], sink: EventSink, code: str, message: str) -> None:
         """End every member that has not had its result or failure yet."""
         for member in members:
             if not member.finished:
                 member.finished = True
                 sink.failed(member.request_id, code, message)
 
-    def _run_group(self, members: list[_Member], sink: EventSink) -> None:
+    def _run_group(self, members: list[Member], sink: EventSink) -> None:
         """Run ``members`` (requests with equal batch keys) in one pipeline call."""
         for member in members:
             if sink.is_cancelled(member.request_id):
@@ -341,7 +247,7 @@ class StableDiffusionRunner(Runner):
             pipe = self.pipe
             arguments.update(width=job.width, height=job.height)
         capture = X0Capture(self.scheduler_template(job.scheduler))
-        reporter = _StepReporter(members, steps_run, sink, capture)
+        reporter = StepReporter(members, steps_run, sink, capture)
         try:
             with _swapped_scheduler(pipe, capture.scheduler):
                 output = pipe(**arguments, callback_on_step_end=reporter)

@@ -1,0 +1,114 @@
+"""What happens at each denoising step of a group call: progress for every
+live request, previews of each request's own image, and cancellation.
+
+Steps are counted the way diffusers' own progress bar counts them, so the last
+step is the number of steps run even for schedulers that make more model calls
+than steps (PNDM repeats its first timestep; second-order schedulers call the
+model twice per step).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from imago.workers.inputs import JobInputs
+from imago.workers.previews import X0Capture, encode_image, latents_to_rgb, mime_type, preview_size
+from imago.workers.protocol import TextToImageJob
+from imago.workers.runner import Cancelled, EventSink
+
+#: Quality of lossy previews: they are small and short-lived, bytes matter more.
+PREVIEW_QUALITY = 85
+
+
+@dataclass
+class Member:
+    """One request of a group call and where its images sit in it."""
+
+    request_id: str
+    job: TextToImageJob
+    #: Decoded input images of image-to-image and inpainting, at the output size.
+    inputs: JobInputs | None = None
+    #: Index of the request's image 0 among the rows of the group call.
+    row: int = 0
+    #: True once the request got its result or failure: it gets no more events.
+    finished: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+class StepReporter:
+    """The pipeline's ``callback_on_step_end`` for one group call: checks
+    every live request for cancellation, reports progress and sends previews.
+
+    Steps are counted the way diffusers' own progress bar counts them, so the
+    last step is ``steps`` even for schedulers that run more model calls than
+    steps (PNDM repeats its first timestep; second-order schedulers call the
+    model twice per step). Members share the step count: their batch key fixes it.
+    """
+
+    def __init__(
+        self, members: list[Member], steps: int, sink: EventSink, capture: X0Capture
+    ) -> None:
+        self.members = members
+        self.steps = steps
+        self.sink = sink
+        self.capture = capture
+        self.steps_done = 0
+        self.started_at = time.perf_counter()
+
+    def live(self) -> list[Member]:
+        return [member for member in self.members if not member.finished]
+
+    def __call__(
+        self, pipe: DiffusionPipeline, i: int, t: Any, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        message = f"cancelled after {self.steps_done} of {self.steps} steps"
+        for member in self.live():
+            if self.sink.is_cancelled(member.request_id):
+                # Its rows go on being computed with the others' (dropping rows
+                # mid-call is not something the pipeline supports); only its
+                # events stop.
+                member.finished = True
+                self.sink.failed(member.request_id, "CANCELLED", message)
+        live = self.live()
+        if not live:
+            # Nobody wants the result: skip the remaining steps and the decode.
+            raise Cancelled(message)
+        calls, order = pipe.num_timesteps, pipe.scheduler.order
+        warmup = calls - self.steps * order
+        if i == calls - 1 or (i + 1 > warmup and (i + 1) % order == 0):
+            self.steps_done += 1
+            elapsed = time.perf_counter() - self.started_at
+            x0: torch.Tensor | None = None
+            for member in live:
+                self.sink.progress(member.request_id, self.steps_done, self.steps, elapsed)
+                every = member.job.preview_every
+                if every > 0 and self.steps_done % every == 0:
+                    # x0 of the whole call, computed at most once per step.
+                    x0 = self.capture.x0() if x0 is None else x0
+                    if x0 is not None:
+                        self._preview(member, x0)
+        return kwargs
+
+    def _preview(self, member: Member, x0: torch.Tensor) -> None:
+        # The request's image 0 only, as ComfyUI does: one preview stream per
+        # request. It is shown where the final image will be, so it takes the
+        # output's shape.
+        job = member.job
+        size = preview_size(job.width, job.height, job.preview_max_size)
+        image = latents_to_rgb(x0[member.row]).resize(size, Image.Resampling.BILINEAR)
+        data = encode_image(image, job.preview_format, quality=PREVIEW_QUALITY)
+        self.sink.preview(
+            member.request_id,
+            self.steps_done,
+            0,
+            data,
+            mime_type(job.preview_format),
+            image.width,
+            image.height,
+        )
