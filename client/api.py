@@ -122,6 +122,18 @@ def image_format(name: str | int) -> int:
         raise ValueError(f"unknown image format {name!r}; use png, jpeg or webp") from None
 
 
+def preview_method_value(name: str | int) -> int:
+    """The ``PreviewMethod`` value for "latent_rgb", "taesd" or "full" (or an enum value)."""
+    if isinstance(name, int):
+        return name
+    try:
+        return imagegen_pb2.PreviewMethod.Value(f"PREVIEW_METHOD_{name.upper()}")
+    except ValueError:
+        raise ValueError(
+            f"unknown preview method {name!r}; use latent_rgb, taesd or full"
+        ) from None
+
+
 def generation_settings(
     generation: common_pb2.GenerationSettings | None = None, **settings: Any
 ) -> common_pb2.GenerationSettings:
@@ -181,6 +193,8 @@ def generate_request(
     preview_every: int = 0,
     preview_format: str | int = "jpeg",
     preview_max_size: int = 0,
+    preview_method: str | int = "latent_rgb",
+    preview_all_images: bool = False,
     scheduler: str = "",
     init_image: ImageInput | None = None,
     strength: float = 0.0,
@@ -203,6 +217,8 @@ def generate_request(
             every_n_steps=preview_every,
             format=image_format(preview_format),
             max_size=preview_max_size,
+            method=preview_method_value(preview_method),
+            all_images=preview_all_images,
         ),
         scheduler=scheduler,
         output_quality=output_quality,
@@ -322,6 +338,8 @@ class ImagoClient(_ClientBase):
         preview_every: int = 0,
         preview_format: str | int = "jpeg",
         preview_max_size: int = 0,
+        preview_method: str | int = "latent_rgb",
+        preview_all_images: bool = False,
         scheduler: str = "",
         init_image: ImageInput | None = None,
         strength: float = 0.0,
@@ -342,6 +360,9 @@ class ImagoClient(_ClientBase):
         ``preview_every`` steps, and the result. 0 and None take the server's
         defaults (native size, 30 steps, guidance 7.5, a random seed); an
         empty ``scheduler`` the model's own (else e.g. "euler", "dpmpp_2m_karras").
+        ``preview_method`` is "latent_rgb" (cheap), "taesd" (a tiny decoder, if
+        the model has one) or "full" (the VAE); previews show image 0 only
+        unless ``preview_all_images``.
         ``output_quality`` (1..100, 0: 95) applies to JPEG and WebP; PNG results
         carry their generation parameters unless ``omit_parameters``.
         Stopping the iteration early cancels the generation on the server.

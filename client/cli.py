@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--format", choices=["png", "jpeg", "webp"], help="(default: from -o's suffix, else png)")
     add("--previews", type=Path, metavar="DIR", help="write previews to DIR/step-0005.jpg ...")
     add("--preview-every", type=uint, metavar="N", help="a preview every N steps (default: 1)")
+    add(
+        "--preview-method",
+        choices=["latent_rgb", "taesd", "full"],
+        default="latent_rgb",
+        help="how previews are made (default: %(default)s)",
+    )
+    add("--all-previews", action="store_true", help="preview every image, not only the first")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("health", help="check server health", description="Check health.")
@@ -293,6 +300,8 @@ def _generate(args: argparse.Namespace) -> int:
             num_images=args.num_images,
             output_format=fmt,
             preview_every=preview_every,
+            preview_method=args.preview_method,
+            preview_all_images=args.all_previews,
             scheduler=args.scheduler,
             init_image=init,
             strength=args.strength,

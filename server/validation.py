@@ -53,6 +53,15 @@ DEFAULT_QUALITY = 95
 DEFAULT_STRENGTH = 0.8
 
 
+#: PreviewMethod enum value -> the name workers know the method by.
+PREVIEW_METHODS = {
+    imagegen_pb2.PREVIEW_METHOD_UNSPECIFIED: "latent_rgb",
+    imagegen_pb2.PREVIEW_METHOD_LATENT_RGB: "latent_rgb",
+    imagegen_pb2.PREVIEW_METHOD_TAESD: "taesd",
+    imagegen_pb2.PREVIEW_METHOD_FULL: "full",
+}
+
+
 def random_seed() -> int:
     """A fresh seed in [0, 2**32), small enough to read back and type in."""
     return secrets.randbits(32)
@@ -151,7 +160,7 @@ def _size(field: str, value: int, default: int, limits: Limits) -> int:
 
 
 def _generation(
-    request: imagegen_pb2.GenerateRequest, limits: Limits, width: int, height: int
+    request: imagegen_pb2.GenerateRequest, model: ModelInfo, limits: Limits, width: int, height: int
 ) -> dict:
     """Fields every image job shares, resolved; ``width`` and ``height`` are
     already checked."""
@@ -179,6 +188,15 @@ def _generation(
     preview_fmt = output_format(previews.format, "previews.format", default="JPEG")
     preview_size = previews.max_size or DEFAULT_PREVIEW_SIZE
     _in_range("previews.max_size", preview_size, 8, limits.max_image_side)
+    method = PREVIEW_METHODS.get(previews.method)
+    if method is None:
+        raise invalid("previews.method", f"unknown preview method {previews.method}")
+    if method != "latent_rgb" and method not in model.preview_methods:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"model {model.name} has no {method} decoder for previews; use latent_rgb",
+            "previews.method",
+        )
     return {
         "prompt": prompt,
         "negative_prompt": negative,
@@ -195,6 +213,8 @@ def _generation(
         "scheduler": request.scheduler,
         "output_quality": quality,
         "embed_parameters": not request.omit_parameters,
+        "preview_method": method,
+        "preview_all_images": previews.all_images,
     }
 
 
@@ -206,7 +226,7 @@ def text_to_image_job(
         raise invalid("task", "set exactly one of text_to_image, image_to_image, inpaint")
     width = _size("width", request.width, model.default_size, limits)
     height = _size("height", request.height, model.default_size, limits)
-    return TextToImageJob(**_generation(request, limits, width, height))
+    return TextToImageJob(**_generation(request, model, limits, width, height))
 
 
 def image_to_image_job(
@@ -230,7 +250,7 @@ def image_to_image_job(
     height = _size("height", request.height, max(64, init_height // 8 * 8), limits)
     strength = decimal(task.strength) or DEFAULT_STRENGTH
     _in_range("image_to_image.strength", strength, 0.0, 1.0, low_open=True)
-    job = ImageToImageJob(**_generation(request, limits, width, height), strength=strength)
+    job = ImageToImageJob(**_generation(request, model, limits, width, height), strength=strength)
     if job.steps_run < 1:
         raise invalid(
             "image_to_image.strength",
@@ -254,7 +274,7 @@ def inpaint_job(
     height = _size("height", request.height, max(64, image_height // 8 * 8), limits)
     strength = decimal(task.strength) or 1.0
     _in_range("inpaint.strength", strength, 0.0, 1.0, low_open=True)
-    job = InpaintJob(**_generation(request, limits, width, height), strength=strength)
+    job = InpaintJob(**_generation(request, model, limits, width, height), strength=strength)
     if job.steps_run < 1:
         raise invalid(
             "inpaint.strength",

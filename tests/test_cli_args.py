@@ -22,7 +22,7 @@ from imago.client.cli import (
     preview_name,
 )
 from imago.client.serving import serve_config
-from imago.v1 import common_pb2
+from imago.v1 import common_pb2, imagegen_pb2
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -192,6 +192,10 @@ def test_generate_request_fields():
     assert generate_request("x", guidance_scale=0.0).HasField("guidance_scale")
     assert generate_request("x", scheduler="euler").scheduler == "euler"
     assert parse("generate", "x", "-o", "o.png", "--scheduler", "lms").scheduler == "lms"
+    shown = generate_request("x", preview_every=1, preview_method="taesd", preview_all_images=True)
+    assert shown.previews.method == imagegen_pb2.PREVIEW_METHOD_TAESD and shown.previews.all_images
+    with pytest.raises(ValueError, match="latent_rgb, taesd or full"):
+        generate_request("x", preview_method="vae")
     quality = generate_request("x", output_quality=40, omit_parameters=True)
     assert (quality.output_quality, quality.omit_parameters) == (40, True)
     args = parse("generate", "x", "-o", "o.jpg", "--quality", "40", "--no-parameters")

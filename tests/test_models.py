@@ -48,11 +48,16 @@ def test_malformed_batch_limits_are_refused(sizes, delays, message):
 
 def test_an_inpaint_override_sets_or_removes_the_dedicated_checkpoint():
     tiny_sd = {m.family: m for m in preset("tiny")}[STABLE_DIFFUSION]
-    assert tiny_sd.extras == (("inpaint", "tiny:stable-diffusion-inpaint"),)
+    assert dict(tiny_sd.extras) == {
+        "inpaint": "tiny:stable-diffusion-inpaint",
+        "taesd": "tiny:taesd",
+    }
     (sd,) = [m for m in with_overrides(preset("tiny"), ("inpaint=/ckpt/inpainting",)) if m.extras]
-    assert sd.extras == (("inpaint", "/ckpt/inpainting"),)
+    assert dict(sd.extras)["inpaint"] == "/ckpt/inpainting"
     generic = {m.family: m for m in with_overrides(preset("tiny"), ("inpaint=",))}
-    assert generic[STABLE_DIFFUSION].extras == ()
+    assert generic[STABLE_DIFFUSION].extras == (("taesd", "tiny:taesd"),)
+    bare = {m.family: m for m in with_overrides(preset("tiny"), ("inpaint=", "taesd="))}
+    assert bare[STABLE_DIFFUSION].extras == ()
 
 
 def test_a_hub_id_override_is_named_after_its_repository():

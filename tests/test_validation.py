@@ -227,3 +227,15 @@ def test_a_named_scheduler_is_kept_and_an_unknown_one_names_the_field():
     error = rejected(text_to_image_job, generate(scheduler="../euler"), SD, LIMITS)
     assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "scheduler")
     assert "dpmpp_2m_karras" in error.message
+
+
+def test_a_preview_method_the_model_lacks_fails_its_precondition():
+    request = generate(
+        previews=imagegen_pb2.PreviewOptions(method=imagegen_pb2.PREVIEW_METHOD_TAESD)
+    )
+    error = rejected(text_to_image_job, request, SD, LIMITS)
+    assert (error.code, error.field) == (grpc.StatusCode.FAILED_PRECONDITION, "previews.method")
+    with_taesd = ModelInfo(name="sd", family="stable-diffusion", source="x", default_size=64,
+                           preview_methods=["full", "taesd"])  # fmt: skip
+    assert text_to_image_job(request, with_taesd, LIMITS).preview_method == "taesd"
+    assert text_to_image_job(generate(), SD, LIMITS).preview_method == "latent_rgb"

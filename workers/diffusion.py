@@ -29,6 +29,7 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import (
+    AutoencoderTiny,
     DiffusionPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -36,6 +37,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging as diffusers_logging
+from PIL import Image
 
 from imago.workers.inputs import InputError, job_inputs
 from imago.workers.parameters import SAMPLER_LABELS, parameters_text
@@ -43,6 +45,7 @@ from imago.workers.presets import STABLE_DIFFUSION
 from imago.workers.previews import (
     X0Capture,
     encode_image,
+    latents_to_rgb,
     mime_type,
 )
 from imago.workers.protocol import (
@@ -95,6 +98,7 @@ class StableDiffusionRunner(Runner):
         source: str,
         pipe: StableDiffusionPipeline,
         inpaint: StableDiffusionInpaintPipeline | None = None,
+        taesd: AutoencoderTiny | None = None,
     ) -> None:
         """``inpaint`` is a dedicated inpainting checkpoint's pipeline (a UNet
         taking 9 channels); without one, inpainting runs on ``pipe``'s UNet and
@@ -103,6 +107,7 @@ class StableDiffusionRunner(Runner):
         self.name = name
         self.source = source
         self.pipe = pipe
+        self.taesd = taesd
         # Named schedulers built from the checkpoint's own config; "" is its own.
         self._schedulers: dict[str, SchedulerMixin] = {"": pipe.scheduler}
         # Image-to-image (and generic inpainting) share every component, and so
@@ -131,11 +136,11 @@ class StableDiffusionRunner(Runner):
 
     @classmethod
     def load(
-        cls, name: str, source: str, device: str, inpaint: str = "", **extras: str
+        cls, name: str, source: str, device: str, inpaint: str = "", taesd: str = "", **extras: str
     ) -> StableDiffusionRunner:
-        """Load ``source`` (a diffusers directory or a hub id), and the
-        dedicated inpainting checkpoint ``inpaint`` when given, in float16 on
-        CUDA and float32 elsewhere."""
+        """Load ``source`` (a diffusers directory or a hub id), the dedicated
+        inpainting checkpoint ``inpaint`` and the preview autoencoder ``taesd``
+        when given, in float16 on CUDA and float32 elsewhere."""
         if extras:
             raise ValueError(f"unknown extra sources for {name!r}: {', '.join(extras)}")
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -152,7 +157,13 @@ class StableDiffusionRunner(Runner):
                     f"{inpaint!r} is not an inpainting checkpoint: its UNet takes "
                     f"{channels} channels, not 9"
                 )
-        return cls(name, source, pipe, dedicated)
+        tiny_decoder = None
+        if taesd:
+            try:
+                tiny_decoder = AutoencoderTiny.from_pretrained(taesd, dtype=dtype).to(device)
+            except Exception as exc:
+                raise RuntimeError(f"cannot load TAESD for {name!r} from {taesd!r}: {exc}") from exc
+        return cls(name, source, pipe, dedicated, tiny_decoder)
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -161,7 +172,25 @@ class StableDiffusionRunner(Runner):
             source=self.source,
             default_size=self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor,
             max_prompt_tokens=self.pipe.tokenizer.model_max_length,
+            preview_methods=["full", "taesd"] if self.taesd is not None else ["full"],
         )
+
+    def render_preview(self, latents: torch.Tensor, method: str) -> Image.Image:
+        """A picture of predicted denoised ``latents`` ``[1, 4, h, w]`` (UNet
+        scale) by ``method``: latent_rgb (a linear projection, 1/8 size),
+        taesd (the tiny autoencoder) or full (the model's VAE)."""
+        if method == "latent_rgb":
+            return latents_to_rgb(latents[0])
+        if method == "taesd" and self.taesd is not None:
+            # TAESD takes latents at the UNet's scale (its scaling factor is 1).
+            decoded = self.taesd.decode(latents.to(self.taesd.dtype)).sample
+        elif method == "full":
+            vae = self.pipe.vae
+            decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        else:
+            raise ValueError(f"no {method} preview decoder")
+        pixels = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
 
     def run(self, batch: list[Request], sink: EventSink) -> None:
         # Requests whose batch key agrees share one pipeline call; the others
@@ -247,7 +276,7 @@ class StableDiffusionRunner(Runner):
             pipe = self.pipe
             arguments.update(width=job.width, height=job.height)
         capture = X0Capture(self.scheduler_template(job.scheduler))
-        reporter = StepReporter(members, steps_run, sink, capture)
+        reporter = StepReporter(members, steps_run, sink, capture, self.render_preview)
         try:
             with _swapped_scheduler(pipe, capture.scheduler):
                 output = pipe(**arguments, callback_on_step_end=reporter)

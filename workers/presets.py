@@ -13,8 +13,10 @@ from dataclasses import dataclass, replace
 
 BLIP2 = "blip2"
 STABLE_DIFFUSION = "stable-diffusion"
-#: Role of a dedicated inpainting checkpoint among a Stable Diffusion model's extras.
+#: Roles among a Stable Diffusion model's extras: a dedicated inpainting
+#: checkpoint, and a tiny autoencoder (TAESD) for previews.
 INPAINT = "inpaint"
+TAESD = "taesd"
 
 #: Services each family answers.
 FAMILY_SERVICES: dict[str, tuple[str, ...]] = {
@@ -70,7 +72,7 @@ PRESETS: dict[str, tuple[ModelSpec, ...]] = {
             "sd-tiny",
             STABLE_DIFFUSION,
             "tiny:stable-diffusion",
-            extras=(("inpaint", "tiny:stable-diffusion-inpaint"),),
+            extras=((INPAINT, "tiny:stable-diffusion-inpaint"), (TAESD, "tiny:taesd")),
         ),
     ),
     "default": (
@@ -79,7 +81,10 @@ PRESETS: dict[str, tuple[ModelSpec, ...]] = {
             "sd15",
             STABLE_DIFFUSION,
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
-            extras=(("inpaint", "stable-diffusion-v1-5/stable-diffusion-inpainting"),),
+            extras=(
+                (INPAINT, "stable-diffusion-v1-5/stable-diffusion-inpainting"),
+                (TAESD, "madebyollin/taesd"),
+            ),
         ),
     ),
 }
@@ -139,15 +144,19 @@ def with_overrides(
     model of that family. The model is named after the source's last part.
 
     "inpaint=SOURCE" gives the Stable Diffusion model a dedicated inpainting
-    checkpoint instead; "inpaint=" takes it away (generic inpainting)."""
+    checkpoint instead; "inpaint=" takes it away (generic inpainting).
+    "taesd=SOURCE" and "taesd=" do the same for its preview autoencoder."""
     chosen = {spec.family: spec for spec in models}
     for override in overrides:
         family, sep, source = override.partition("=")
-        if family == INPAINT and sep:
+        if family in (INPAINT, TAESD) and sep:
             if STABLE_DIFFUSION not in chosen:
                 raise ValueError(f"{override!r}: there is no Stable Diffusion model to give it")
-            extras = ((INPAINT, source),) if source else ()
-            chosen[STABLE_DIFFUSION] = replace(chosen[STABLE_DIFFUSION], extras=extras)
+            spec = chosen[STABLE_DIFFUSION]
+            extras = tuple((role, extra) for role, extra in spec.extras if role != family)
+            if source:
+                extras += ((family, source),)
+            chosen[STABLE_DIFFUSION] = replace(spec, extras=extras)
             continue
         if not sep or not source:
             raise ValueError(f"model override {override!r} is not FAMILY=SOURCE")

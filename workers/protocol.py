@@ -68,6 +68,9 @@ class TextToImageJob(msgspec.Struct, tag="text_to_image", frozen=True):
     output_quality: int = 95
     # Embed the generation parameters in PNG results.
     embed_parameters: bool = True
+    # latent_rgb, taesd or full; previews of every image or only image 0.
+    preview_method: str = "latent_rgb"
+    preview_all_images: bool = False
 
 
 class ImageToImageJob(TextToImageJob, tag="image_to_image", frozen=True):
@@ -181,6 +184,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     default_size: int = 0
     # Longest prompt in tokens the text encoder takes, 0 when unknown.
     max_prompt_tokens: int = 0
+    # Preview methods this model can run beyond latent_rgb (taesd, full).
+    preview_methods: list[str] = []
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True):

@@ -10,6 +10,7 @@ model twice per step).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from imago.workers.inputs import JobInputs
-from imago.workers.previews import X0Capture, encode_image, latents_to_rgb, mime_type, preview_size
+from imago.workers.previews import X0Capture, encode_image, mime_type, preview_size
 from imago.workers.protocol import TextToImageJob
 from imago.workers.runner import Cancelled, EventSink
 
@@ -52,12 +53,20 @@ class StepReporter:
     """
 
     def __init__(
-        self, members: list[Member], steps: int, sink: EventSink, capture: X0Capture
+        self,
+        members: list[Member],
+        steps: int,
+        sink: EventSink,
+        capture: X0Capture,
+        render: Callable[[torch.Tensor, str], Image.Image],
     ) -> None:
+        """``render(latents, method)`` turns one predicted x0 ``[1, 4, h, w]``
+        into a picture by a preview method (latent_rgb, taesd, full)."""
         self.members = members
         self.steps = steps
         self.sink = sink
         self.capture = capture
+        self.render = render
         self.steps_done = 0
         self.started_at = time.perf_counter()
 
@@ -96,19 +105,18 @@ class StepReporter:
         return kwargs
 
     def _preview(self, member: Member, x0: torch.Tensor) -> None:
-        # The request's image 0 only, as ComfyUI does: one preview stream per
-        # request. It is shown where the final image will be, so it takes the
-        # output's shape.
+        # By default the request's image 0 only, as ComfyUI does: one preview
+        # stream per request. Each is shown where the final image will be, so
+        # it takes the output's shape.
         job = member.job
         size = preview_size(job.width, job.height, job.preview_max_size)
-        image = latents_to_rgb(x0[member.row]).resize(size, Image.Resampling.BILINEAR)
-        data = encode_image(image, job.preview_format, quality=PREVIEW_QUALITY)
-        self.sink.preview(
-            member.request_id,
-            self.steps_done,
-            0,
-            data,
-            mime_type(job.preview_format),
-            image.width,
-            image.height,
-        )
+        count = job.num_images if job.preview_all_images else 1
+        for index in range(count):
+            row = member.row + index
+            picture = self.render(x0[row : row + 1], job.preview_method)
+            image = picture.resize(size, Image.Resampling.BILINEAR)
+            data = encode_image(image, job.preview_format, quality=PREVIEW_QUALITY)
+            fmt = mime_type(job.preview_format)
+            self.sink.preview(
+                member.request_id, self.steps_done, index, data, fmt, image.width, image.height
+            )

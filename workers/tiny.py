@@ -27,6 +27,7 @@ def _builders() -> dict[str, Callable[[Path], None]]:
         "blip2-legacy": tiny_blip2.build_legacy,
         "stable-diffusion": tiny_sd.build,
         "stable-diffusion-inpaint": tiny_sd.build_inpaint,
+        "taesd": tiny_sd.build_taesd,
     }
 
 

@@ -148,6 +148,25 @@ def build_inpaint(path: Path) -> None:
     StableDiffusionInpaintPipeline(**components).save_pretrained(path, safe_serialization=True)
 
 
+def build_taesd(path: Path) -> None:
+    """Write a tiny TAESD (``AutoencoderTiny``) to ``path``, loadable with
+    ``AutoencoderTiny.from_pretrained(path)``: it decodes the tiny model's
+    4-channel latents at the VAE's 8x scale, as madebyollin/taesd does SD's."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(SEED + 4)
+    taesd = AutoencoderTiny(
+        in_channels=3,
+        out_channels=3,
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+    )
+    taesd.save_pretrained(path, safe_serialization=True)
+
+
 def _components(unet_in_channels: int, unet_seed: int) -> dict:
     """Seeded pipeline components; only the UNet depends on the arguments."""
     # Imported here so that listing the tiny builders stays cheap.

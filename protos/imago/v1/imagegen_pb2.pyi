@@ -1,11 +1,23 @@
 from imago.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class PreviewMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PREVIEW_METHOD_UNSPECIFIED: _ClassVar[PreviewMethod]
+    PREVIEW_METHOD_LATENT_RGB: _ClassVar[PreviewMethod]
+    PREVIEW_METHOD_TAESD: _ClassVar[PreviewMethod]
+    PREVIEW_METHOD_FULL: _ClassVar[PreviewMethod]
+PREVIEW_METHOD_UNSPECIFIED: PreviewMethod
+PREVIEW_METHOD_LATENT_RGB: PreviewMethod
+PREVIEW_METHOD_TAESD: PreviewMethod
+PREVIEW_METHOD_FULL: PreviewMethod
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "output_format", "previews", "scheduler", "output_quality", "omit_parameters", "text_to_image", "image_to_image", "inpaint")
@@ -70,14 +82,18 @@ class Inpaint(_message.Message):
     def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., mask: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., strength: _Optional[float] = ...) -> None: ...
 
 class PreviewOptions(_message.Message):
-    __slots__ = ("every_n_steps", "format", "max_size")
+    __slots__ = ("every_n_steps", "format", "max_size", "method", "all_images")
     EVERY_N_STEPS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ALL_IMAGES_FIELD_NUMBER: _ClassVar[int]
     every_n_steps: int
     format: _common_pb2.ImageFormat
     max_size: int
-    def __init__(self, every_n_steps: _Optional[int] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., max_size: _Optional[int] = ...) -> None: ...
+    method: PreviewMethod
+    all_images: bool
+    def __init__(self, every_n_steps: _Optional[int] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., max_size: _Optional[int] = ..., method: _Optional[_Union[PreviewMethod, str]] = ..., all_images: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "queued", "started", "progress", "preview", "result")
