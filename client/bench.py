@@ -175,6 +175,8 @@ FIGURES = {
     "batched_ratio": "served req/s / in-process batch-of-C req/s",
     "sequential_speedup": "served req/s / in-process sequential req/s",
     "previews_ratio": "images/s with a preview every step / images/s without",
+    "preview_cost_ms_per_step": "p50 latency with previews - without, per step",
+    "first_preview_ms": "p50 from sending a generation to its first preview",
 }
 
 
@@ -283,6 +285,8 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         "generated images, a multiple of 8 (default: the model's)")  # fmt: skip
     add("--preview-every", type=count, default=0, metavar="N",
         help="a preview every N steps (default: 0, none)")  # fmt: skip
+    add("--preview-method", choices=["latent_rgb", "taesd", "full"], default="latent_rgb",
+        help="how previews are made (default: %(default)s)")  # fmt: skip
     add("--seed", type=count, default=0, help="request i has seed SEED + i (default: 0)")
     add = p.add_argument_group("comparisons and output").add_argument
     add("--baseline", action="store_true", help="also run the requests in process, no server")
@@ -347,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
     order = tuple(loadgen.rotation(args.mix))
     image = loadgen.sample_image(args.image_size, args.image_format, args.seed)
     plan = Plan(order, image, args.question, args.prompt, args.steps, args.size, args.seed,
-                args.preview_every)  # fmt: skip
+                args.preview_every, args.preview_method)  # fmt: skip
     plans = [plan, replace(plan, preview_every=1)] if args.compare_previews else [plan]
     count = args.requests if args.requests or args.duration else 200
     every_kind = max(order.index(kind) for kind in args.mix) + 1
@@ -380,10 +384,17 @@ def run(args: argparse.Namespace) -> int:
     phases, report["rpc_floor_ms"] = load.phases, load.rpc_floor_ms
     report["served"] = phase_report(*phases[0])
     failed = any(o.code != "OK" for outcomes, _ in phases for o in outcomes)
+    if report["served"]["overall"]["first_preview_ms"] is not None:
+        report["first_preview_ms"] = report["served"]["overall"]["first_preview_ms"]
     if args.compare_previews:
         report["served_with_previews"] = with_previews = phase_report(*phases[1])
         report["previews_ratio"] = ratio(with_previews["overall"]["images_per_s"],
                                          report["served"]["overall"]["images_per_s"])  # fmt: skip
+        slower = with_previews["overall"]["latency_ms"]["p50"]
+        plain = report["served"]["overall"]["latency_ms"]["p50"]
+        if slower is not None and plain is not None:
+            report["preview_cost_ms_per_step"] = (slower - plain) / args.steps
+        report["first_preview_ms"] = with_previews["overall"]["first_preview_ms"]
     if args.baseline:
         print("running the same requests in process ...", file=sys.stderr, flush=True)
         indices = sorted(o.index for o in phases[0][0])

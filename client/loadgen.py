@@ -106,6 +106,8 @@ class Outcome:
     images: int = 0
     batch_size: int = 0
     text: str | None = None
+    # Seconds from sending a generation to its first preview, when it had one.
+    first_preview_s: float | None = None
 
 
 def summarize(outcomes: Sequence[Outcome], elapsed_s: float) -> dict[str, Any]:
@@ -114,7 +116,8 @@ def summarize(outcomes: Sequence[Outcome], elapsed_s: float) -> dict[str, Any]:
     per second of ``elapsed_s``); ``images_per_s`` (None without generate
     requests); ``latency_ms`` p50/p95/p99/mean of the completed ones (None
     when none completed); ``mean_batch_size`` (of ``batch_size`` > 0, None
-    when none reported); ``elapsed_s``."""
+    when none reported); ``first_preview_ms`` (p50 from sending a generation
+    to its first preview, None without previews); ``elapsed_s``."""
     done = [o for o in outcomes if o.code == "OK"]
     millis = [o.seconds * 1000 for o in done]
     batches = [o.batch_size for o in done if o.batch_size > 0]
@@ -124,6 +127,7 @@ def summarize(outcomes: Sequence[Outcome], elapsed_s: float) -> dict[str, Any]:
         latency["mean"] = sum(millis) / len(millis)
     images = sum(o.images for o in done)
     generates = any(o.kind == "generate" for o in outcomes)
+    firsts = [o.first_preview_s * 1000 for o in done if o.first_preview_s is not None]
     return {
         "completed": len(done),
         "errors": dict(sorted(Counter(o.code for o in outcomes if o.code != "OK").items())),
@@ -131,6 +135,7 @@ def summarize(outcomes: Sequence[Outcome], elapsed_s: float) -> dict[str, Any]:
         "images_per_s": (images / elapsed_s if elapsed_s > 0 else 0.0) if generates else None,
         "latency_ms": latency,
         "mean_batch_size": sum(batches) / len(batches) if batches else None,
+        "first_preview_ms": percentile(firsts, 50) if firsts else None,
         "elapsed_s": elapsed_s,
     }
 
@@ -200,6 +205,7 @@ class Plan:
     size: int
     seed: int
     preview_every: int
+    preview_method: str = "latent_rgb"
 
     def kind(self, index: int) -> str:
         return self.order[index % len(self.order)]
@@ -211,7 +217,10 @@ class Plan:
     def generate_options(self, index: int) -> dict[str, Any]:
         """Keywords of ``generate`` for generate request ``index``."""
         size, seed, every = self.size, self.seed + index, self.preview_every
-        return dict(width=size, height=size, steps=self.steps, seed=seed, preview_every=every)
+        return dict(
+            width=size, height=size, steps=self.steps, seed=seed, preview_every=every,
+            preview_method=self.preview_method,
+        )  # fmt: skip
 
     def proto(self, index: int) -> Any:
         """The protobuf request the client sends for request ``index``."""
@@ -240,12 +249,19 @@ async def _one(client: api.AsyncImagoClient, plan: Plan, index: int) -> Outcome:
             text = texts[0].text if texts else ""
             return Outcome(kind, index, seconds, batch_size=reply.info.batch_size, text=text)
         events = client.generate(plan.prompt, **plan.generate_options(index))
+        first_preview = None
         try:
             async for event in events:
-                if event.WhichOneof("event") == "result":
+                which = event.WhichOneof("event")
+                if which == "preview" and first_preview is None:
+                    first_preview = time.perf_counter() - started
+                elif which == "result":
                     seconds, result = time.perf_counter() - started, event.result
                     count, batch = len(result.images), result.info.batch_size
-                    return Outcome(kind, index, seconds, images=count, batch_size=batch)
+                    return Outcome(
+                        kind, index, seconds, images=count, batch_size=batch,
+                        first_preview_s=first_preview,
+                    )  # fmt: skip
         finally:
             await events.aclose()
         return Outcome(kind, index, time.perf_counter() - started, code="NO_RESULT")

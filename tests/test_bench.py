@@ -281,6 +281,20 @@ def test_compare_previews_prints_previews_ratio(server):
     assert float(ratio.split()[2]) > 0
 
 
+def test_compare_previews_reports_first_preview_time_and_cost_per_step(server):
+    args = ["--external", "--mix", "generate=1", "--compare-previews", "--steps", "3"]
+    done = bench(*args, "--preview-method", "taesd", "--requests", "2", "--warmup", "0",
+                 "--json", target=server.target)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["served"]["overall"]["first_preview_ms"] is None
+    with_previews = report["served_with_previews"]["overall"]
+    first = with_previews["first_preview_ms"]
+    assert first is not None and 0 < first <= with_previews["latency_ms"]["p50"]
+    assert report["first_preview_ms"] == first
+    assert "preview_cost_ms_per_step" in report
+
+
 def test_bench_stops_the_server_it_started(server, model_cache):
     # `server` only makes sure the tiny checkpoints are built already.
     done = bench("--cache-dir", str(model_cache), "--requests", "2", "--warmup", "0", "--json")
