@@ -201,6 +201,7 @@ def generate_request(
     output_quality: int = 0,
     omit_parameters: bool = False,
     mask_image: ImageInput | None = None,
+    loras: dict[str, float] | None = None,
 ) -> imagegen_pb2.GenerateRequest:
     """A GenerateRequest: inpainting when ``init_image`` and ``mask_image`` are
     given, image-to-image with ``init_image`` alone, else text-to-image; see
@@ -223,6 +224,7 @@ def generate_request(
         scheduler=scheduler,
         output_quality=output_quality,
         omit_parameters=omit_parameters,
+        loras=[imagegen_pb2.LoraWeight(name=n, weight=w) for n, w in (loras or {}).items()],
     )
     if mask_image is not None:
         if init_image is None:
@@ -346,6 +348,7 @@ class ImagoClient(_ClientBase):
         output_quality: int = 0,
         omit_parameters: bool = False,
         mask_image: ImageInput | None = None,
+        loras: dict[str, float] | None = None,
     ) -> Iterator[imagegen_pb2.GenerateResponse]:
         """Streams the events of one generation: text-to-image, or
         image-to-image when ``init_image`` (bytes, a path or a PIL image) is
@@ -363,6 +366,7 @@ class ImagoClient(_ClientBase):
         ``preview_method`` is "latent_rgb" (cheap), "taesd" (a tiny decoder, if
         the model has one) or "full" (the VAE); previews show image 0 only
         unless ``preview_all_images``.
+        ``loras`` maps adapter names (loaded by the server) to weights.
         ``output_quality`` (1..100, 0: 95) applies to JPEG and WebP; PNG results
         carry their generation parameters unless ``omit_parameters``.
         Stopping the iteration early cancels the generation on the server.

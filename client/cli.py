@@ -40,6 +40,16 @@ class InputError(Exception):
 # ------------------------------------------------------------------ parsing
 
 
+def _lora(text: str) -> tuple[str, float]:
+    name, sep, weight = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return name, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not NAME[:WEIGHT]: {text!r}") from None
+
+
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation (unset options take the model's defaults)")
     add = group.add_argument
@@ -132,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how previews are made (default: %(default)s)",
     )
     add("--all-previews", action="store_true", help="preview every image, not only the first")
+    add(
+        "--lora",
+        action="append",
+        default=[],
+        type=_lora,
+        metavar="NAME[:WEIGHT]",
+        help="apply the server's LoRA adapter NAME (weight 1 unless given); repeatable",
+    )
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("health", help="check server health", description="Check health.")
@@ -308,6 +326,7 @@ def _generate(args: argparse.Namespace) -> int:
             output_quality=args.quality,
             omit_parameters=args.omit_parameters,
             mask_image=mask,
+            loras=dict(args.lora),
         )
         for event in events:
             kind = event.WhichOneof("event")

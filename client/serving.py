@@ -43,6 +43,13 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         "inpaint= none; repeatable",
     )
     p.add_argument(
+        "--lora-dir",
+        type=Path,
+        metavar="DIR",
+        help="load the LoRA adapters DIR/NAME.safetensors for the Stable Diffusion model; "
+        "SIGHUP re-reads the directory",
+    )
+    p.add_argument(
         "--max-batch-size",
         action="append",
         default=[],
@@ -78,7 +85,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         limits["max_queue_size"] = args.max_queue
     return ServeConfig(
         **kwargs,
-        overrides=tuple(args.model),
+        overrides=tuple(args.model) + ((f"loras={args.lora_dir}",) if args.lora_dir else ()),
         max_batch_sizes=tuple(args.max_batch_size),
         max_batch_delays_ms=tuple(args.max_batch_delay_ms),
         cpu_only=args.cpu,

@@ -104,6 +104,8 @@ async def serve(config: ServeConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     server, pool, health_status = build_server(config)
+    # SIGHUP re-reads LoRA adapter directories, as daemons re-read their config.
+    loop.add_signal_handler(signal.SIGHUP, pool.reload_adapters)
     address = f"{config.host}:{config.port}"
     try:
         port = server.add_insecure_port(address)

@@ -29,6 +29,7 @@ from imago.server.scheduler import Scheduler, Ticket
 from imago.workers import main as worker_main
 from imago.workers.presets import ModelSpec
 from imago.workers.protocol import (
+    AdaptersReloaded,
     BatchDone,
     Cancel,
     Failed,
@@ -36,6 +37,7 @@ from imago.workers.protocol import (
     LoadFailed,
     ModelInfo,
     Ready,
+    ReloadAdapters,
     RunBatch,
     Shutdown,
     TextResult,
@@ -232,6 +234,13 @@ class WorkerPool:
         batch = RunBatch(batch_id=batch_id, model=model, items=[t.item for t in tickets])
         self._send(worker, batch, frames)
 
+    def reload_adapters(self) -> None:
+        """Ask every live worker to rescan its adapter directories; each
+        answers between batches, and the models it reports replace the old."""
+        for worker in self._workers.values():
+            if worker.state in ("idle", "busy"):
+                self._send(worker, ReloadAdapters())
+
     def cancel(self, ticket: Ticket) -> None:
         worker = self._workers.get(ticket.worker or "")
         if worker is not None and worker.state == "busy":
@@ -268,6 +277,14 @@ class WorkerPool:
                     self._startup.set_result(None)
             self._on_change()
             self._scheduler.dispatch()
+        elif isinstance(message, AdaptersReloaded):
+            if worker.state in ("idle", "busy"):
+                worker.models = {info.name: info for info in message.models}
+            if message.error:
+                log.error("%s could not reload adapters: %s", worker.worker_id, message.error)
+            else:
+                adapters = {name: info.adapters for name, info in worker.models.items()}
+                log.info("%s reloaded adapters: %s", worker.worker_id, adapters)
         elif isinstance(message, LoadFailed):
             worker.state = "dead"
             if self._startup and not self._startup.done():

@@ -16,6 +16,7 @@ from imago.server.config import Limits
 from imago.server.errors import RequestError, invalid
 from imago.server.images import check_image, image_size, output_format
 from imago.v1 import caption_pb2, common_pb2, imagegen_pb2, vqa_pb2
+from imago.workers.adapters import check_name as check_adapter_name
 from imago.workers.protocol import (
     CaptionJob,
     ImageToImageJob,
@@ -47,6 +48,8 @@ DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
 MAX_GUIDANCE = 30.0
 DEFAULT_PREVIEW_SIZE = 512
+# Largest LoRA weight either way.
+MAX_LORA_WEIGHT = 4.0
 # Quality of JPEG and WebP results unless asked otherwise.
 DEFAULT_QUALITY = 95
 # diffusers' default image-to-image strength.
@@ -215,7 +218,34 @@ def _generation(
         "embed_parameters": not request.omit_parameters,
         "preview_method": method,
         "preview_all_images": previews.all_images,
+        "loras": _loras(request, model),
     }
+
+
+def _loras(
+    request: imagegen_pb2.GenerateRequest, model: ModelInfo
+) -> tuple[tuple[str, float], ...]:
+    """The requested adapters as (name, weight). A malformed name or weight is
+    INVALID_ARGUMENT; a well-formed name the model has not loaded, NOT_FOUND."""
+    chosen: dict[str, float] = {}
+    for index, lora in enumerate(request.loras):
+        field = f"loras[{index}].name"
+        problem = check_adapter_name(lora.name)
+        if problem is not None:
+            raise invalid(field, problem)
+        if lora.name not in model.adapters:
+            loaded = ", ".join(model.adapters) or "none"
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"no adapter {lora.name!r} is loaded for {model.name} (loaded: {loaded})",
+                field,
+            )
+        if lora.name in chosen:
+            raise invalid(field, f"adapter {lora.name!r} is named twice")
+        weight = decimal(lora.weight) if lora.HasField("weight") else 1.0
+        _in_range(f"loras[{index}].weight", weight, -MAX_LORA_WEIGHT, MAX_LORA_WEIGHT)
+        chosen[lora.name] = weight
+    return tuple(chosen.items())
 
 
 def text_to_image_job(

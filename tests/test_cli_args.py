@@ -196,6 +196,10 @@ def test_generate_request_fields():
     assert shown.previews.method == imagegen_pb2.PREVIEW_METHOD_TAESD and shown.previews.all_images
     with pytest.raises(ValueError, match="latent_rgb, taesd or full"):
         generate_request("x", preview_method="vae")
+    args = parse("generate", "x", "-o", "o.png", "--lora", "ink", "--lora", "chalk:0.5")
+    assert args.lora == [("ink", 1.0), ("chalk", 0.5)]
+    request = generate_request("x", loras=dict(args.lora))
+    assert [(lora.name, lora.weight) for lora in request.loras] == [("ink", 1.0), ("chalk", 0.5)]
     quality = generate_request("x", output_quality=40, omit_parameters=True)
     assert (quality.output_quality, quality.omit_parameters) == (40, True)
     args = parse("generate", "x", "-o", "o.jpg", "--quality", "40", "--no-parameters")

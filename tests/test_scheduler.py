@@ -53,11 +53,12 @@ def ticket(request_id: str, model: str = "blip2", job=None, deadline=None) -> Ti
 
 
 def image_job(
-    size: int = 64, num_images: int = 1, seed: int = 0, scheduler: str = ""
+    size: int = 64, num_images: int = 1, seed: int = 0, scheduler: str = "", loras=()
 ) -> TextToImageJob:
     return TextToImageJob(
-        "a fox", "", size, size, 4, 7.5, seed, num_images, "PNG", 0, "JPEG", 256, scheduler
-    )
+        "a fox", "", size, size, 4, 7.5, seed, num_images, "PNG", 0, "JPEG", 256, scheduler,
+        loras=loras,
+    )  # fmt: skip
 
 
 def batching(max_batch_size: int = 8, max_batch_delay_ms: float = 0.0) -> Scheduler:
@@ -299,6 +300,22 @@ def test_image_requests_with_different_schedulers_do_not_share_a_batch():
         return workers
 
     assert [ids for _, ids in run(scenario).ran] == [["euler", "euler-2"], ["ddim"]]
+
+
+def test_image_requests_with_different_adapters_do_not_share_a_batch():
+    async def scenario():
+        scheduler, workers = batching(max_batch_size=4), FakeWorkers(free=0)
+        scheduler.attach(workers)
+        scheduler.submit(ticket("ink", "sd", image_job(loras=(("ink", 1.0),))))
+        scheduler.submit(ticket("plain", "sd", image_job()))
+        scheduler.submit(ticket("ink-2", "sd", image_job(loras=(("ink", 1.0),), seed=3)))
+        scheduler.submit(ticket("ink-half", "sd", image_job(loras=(("ink", 0.5),))))
+        workers.free = 3
+        scheduler.dispatch()
+        return workers
+
+    ran = [ids for _, ids in run(scenario).ran]
+    assert ran == [["ink", "ink-2"], ["plain"], ["ink-half"]]
 
 
 def test_a_lone_request_on_a_quiet_model_starts_at_once():

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -39,6 +40,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
+from imago.workers.adapters import apply_adapters, sync_adapters
 from imago.workers.inputs import InputError, job_inputs
 from imago.workers.parameters import SAMPLER_LABELS, parameters_text
 from imago.workers.presets import STABLE_DIFFUSION
@@ -108,6 +110,9 @@ class StableDiffusionRunner(Runner):
         self.source = source
         self.pipe = pipe
         self.taesd = taesd
+        # LoRA adapters: the directory they come from, and the names loaded.
+        self.lora_dir: Path | None = None
+        self.adapters: set[str] = set()
         # Named schedulers built from the checkpoint's own config; "" is its own.
         self._schedulers: dict[str, SchedulerMixin] = {"": pipe.scheduler}
         # Image-to-image (and generic inpainting) share every component, and so
@@ -136,11 +141,19 @@ class StableDiffusionRunner(Runner):
 
     @classmethod
     def load(
-        cls, name: str, source: str, device: str, inpaint: str = "", taesd: str = "", **extras: str
+        cls,
+        name: str,
+        source: str,
+        device: str,
+        inpaint: str = "",
+        taesd: str = "",
+        loras: str = "",
+        **extras: str,
     ) -> StableDiffusionRunner:
         """Load ``source`` (a diffusers directory or a hub id), the dedicated
         inpainting checkpoint ``inpaint`` and the preview autoencoder ``taesd``
-        when given, in float16 on CUDA and float32 elsewhere."""
+        when given, in float16 on CUDA and float32 elsewhere, and the LoRA
+        adapters in the directory ``loras``."""
         if extras:
             raise ValueError(f"unknown extra sources for {name!r}: {', '.join(extras)}")
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -163,7 +176,11 @@ class StableDiffusionRunner(Runner):
                 tiny_decoder = AutoencoderTiny.from_pretrained(taesd, dtype=dtype).to(device)
             except Exception as exc:
                 raise RuntimeError(f"cannot load TAESD for {name!r} from {taesd!r}: {exc}") from exc
-        return cls(name, source, pipe, dedicated, tiny_decoder)
+        runner = cls(name, source, pipe, dedicated, tiny_decoder)
+        if loras:
+            runner.lora_dir = Path(loras)
+            runner.reload()
+        return runner
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -173,7 +190,13 @@ class StableDiffusionRunner(Runner):
             default_size=self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor,
             max_prompt_tokens=self.pipe.tokenizer.model_max_length,
             preview_methods=["full", "taesd"] if self.taesd is not None else ["full"],
+            adapters=sorted(self.adapters),
         )
+
+    def reload(self) -> None:
+        """Load the adapters new in the adapter directory, drop those gone."""
+        unets = [self.pipe] + ([self.inpaint] if self.dedicated_inpaint else [])
+        self.adapters = sync_adapters(unets, self.lora_dir, self.adapters)
 
     def render_preview(self, latents: torch.Tensor, method: str) -> Image.Image:
         """A picture of predicted denoised ``latents`` ``[1, 4, h, w]`` (UNet
@@ -277,6 +300,7 @@ class StableDiffusionRunner(Runner):
             arguments.update(width=job.width, height=job.height)
         capture = X0Capture(self.scheduler_template(job.scheduler))
         reporter = StepReporter(members, steps_run, sink, capture, self.render_preview)
+        apply_adapters(pipe, job.loras, self.adapters)
         try:
             with _swapped_scheduler(pipe, capture.scheduler):
                 output = pipe(**arguments, callback_on_step_end=reporter)

@@ -24,6 +24,7 @@ import zmq
 
 from imago.workers.presets import ModelSpec
 from imago.workers.protocol import (
+    AdaptersReloaded,
     BatchDone,
     Cancel,
     Failed,
@@ -34,6 +35,7 @@ from imago.workers.protocol import (
     Preview,
     Progress,
     Ready,
+    ReloadAdapters,
     RunBatch,
     Shutdown,
     Started,
@@ -159,6 +161,18 @@ def load_runners(specs: list[ModelSpec], device: str, cache_dir: str | None) -> 
     return runners
 
 
+def _reload(worker_id: str, runners: dict) -> AdaptersReloaded:
+    """Let every runner re-read its adapters; report the models as they are now."""
+    error = ""
+    for name, runner in runners.items():
+        try:
+            runner.reload()
+        except Exception as exc:
+            log.error("reloading adapters of %s failed:\n%s", name, traceback.format_exc())
+            error = f"{name}: {type(exc).__name__}: {exc}"
+    return AdaptersReloaded(worker_id, [runner.info() for runner in runners.values()], error)
+
+
 def _run_batch(runners: dict, batch: RunBatch, frames: list[bytes], channel: WorkerChannel):
     from imago.workers.runner import Cancelled, Request
 
@@ -245,6 +259,8 @@ def run_worker(
             message, frames = received
             if isinstance(message, RunBatch):
                 _run_batch(runners, message, frames, channel)
+            elif isinstance(message, ReloadAdapters):
+                channel.send(_reload(worker_id, runners))
             elif isinstance(message, Shutdown):
                 break
             # A Cancel for a batch that already finished needs nothing.

@@ -17,6 +17,8 @@ STABLE_DIFFUSION = "stable-diffusion"
 #: checkpoint, and a tiny autoencoder (TAESD) for previews.
 INPAINT = "inpaint"
 TAESD = "taesd"
+#: Role of a directory of LoRA adapters among a Stable Diffusion model's extras.
+LORAS = "loras"
 
 #: Services each family answers.
 FAMILY_SERVICES: dict[str, tuple[str, ...]] = {
@@ -145,11 +147,12 @@ def with_overrides(
 
     "inpaint=SOURCE" gives the Stable Diffusion model a dedicated inpainting
     checkpoint instead; "inpaint=" takes it away (generic inpainting).
-    "taesd=SOURCE" and "taesd=" do the same for its preview autoencoder."""
+    "taesd=SOURCE" and "taesd=" do the same for its preview autoencoder, and
+    "loras=DIR" and "loras=" for its directory of LoRA adapters."""
     chosen = {spec.family: spec for spec in models}
     for override in overrides:
         family, sep, source = override.partition("=")
-        if family in (INPAINT, TAESD) and sep:
+        if family in (INPAINT, TAESD, LORAS) and sep:
             if STABLE_DIFFUSION not in chosen:
                 raise ValueError(f"{override!r}: there is no Stable Diffusion model to give it")
             spec = chosen[STABLE_DIFFUSION]

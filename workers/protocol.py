@@ -71,6 +71,8 @@ class TextToImageJob(msgspec.Struct, tag="text_to_image", frozen=True):
     # latent_rgb, taesd or full; previews of every image or only image 0.
     preview_method: str = "latent_rgb"
     preview_all_images: bool = False
+    # LoRA adapters to apply, as (name, weight) pairs; () for none.
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 class ImageToImageJob(TextToImageJob, tag="image_to_image", frozen=True):
@@ -119,6 +121,7 @@ def batch_key(job: Job) -> tuple | None:
             job.strength,
             job.guidance_scale,
             job.scheduler,
+            job.loras,
         )
     if isinstance(job, TextToImageJob):
         return (
@@ -128,6 +131,7 @@ def batch_key(job: Job) -> tuple | None:
             job.steps,
             job.guidance_scale,
             job.scheduler,
+            job.loras,
         )
     return None
 
@@ -169,7 +173,11 @@ class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     pass
 
 
-ToWorker = RunBatch | Cancel | Shutdown
+class ReloadAdapters(msgspec.Struct, tag="reload_adapters", frozen=True):
+    """Rescan adapter directories between batches; answered by AdaptersReloaded."""
+
+
+ToWorker = RunBatch | Cancel | Shutdown | ReloadAdapters
 
 # ---------------------------------------------------- worker -> frontend
 
@@ -186,6 +194,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     max_prompt_tokens: int = 0
     # Preview methods this model can run beyond latent_rgb (taesd, full).
     preview_methods: list[str] = []
+    # Names of the LoRA adapters loaded, which requests may apply.
+    adapters: list[str] = []
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True):
@@ -193,6 +203,14 @@ class Ready(msgspec.Struct, tag="ready", frozen=True):
     device: str
     pid: int
     models: list[ModelInfo]
+
+
+class AdaptersReloaded(msgspec.Struct, tag="adapters_reloaded", frozen=True):
+    """The worker's models after an adapter reload (``error`` when it failed)."""
+
+    worker_id: str
+    models: list[ModelInfo]
+    error: str = ""
 
 
 class LoadFailed(msgspec.Struct, tag="load_failed", frozen=True):
@@ -269,8 +287,8 @@ class BatchDone(msgspec.Struct, tag="batch_done", frozen=True):
     batch_id: int
 
 
-FromWorker = Ready | LoadFailed | Started | Progress | Preview | TextResult | ImageResult
-FromWorker = FromWorker | Failed | BatchDone
+FromWorker = Ready | AdaptersReloaded | LoadFailed | Started | Progress | Preview
+FromWorker = FromWorker | TextResult | ImageResult | Failed | BatchDone
 
 _encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

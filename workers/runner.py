@@ -87,6 +87,10 @@ class Runner(abc.ABC):
         sources by role (see ModelSpec.extras); a role the family does not
         know is a ValueError."""
 
+    def reload(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Re-read what may change while serving (e.g. adapter directories).
+        Called between batches; nothing to do by default."""
+
     @abc.abstractmethod
     def info(self) -> ModelInfo:
         """Facts the frontend validates requests against."""

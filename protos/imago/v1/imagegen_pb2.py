@@ -25,39 +25,41 @@ _sym_db = _symbol_database.Default()
 from imago.v1 import common_pb2 as imago_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imago/v1/imagegen.proto\x12\x08imago.v1\x1a\x15imago/v1/common.proto\"\xf6\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\nnum_images\x18\x08 \x01(\r\x12,\n\routput_format\x18\t \x01(\x0e\x32\x15.imago.v1.ImageFormat\x12*\n\x08previews\x18\n \x01(\x0b\x32\x18.imago.v1.PreviewOptions\x12\x11\n\tscheduler\x18\x0b \x01(\t\x12\x16\n\x0eoutput_quality\x18\x0c \x01(\r\x12\x17\n\x0fomit_parameters\x18\r \x01(\x08\x12.\n\rtext_to_image\x18\x14 \x01(\x0b\x32\x15.imago.v1.TextToImageH\x00\x12\x30\n\x0eimage_to_image\x18\x15 \x01(\x0b\x32\x16.imago.v1.ImageToImageH\x00\x12$\n\x07inpaint\x18\x16 \x01(\x0b\x32\x11.imago.v1.InpaintH\x00\x42\x06\n\x04taskB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"\r\n\x0bTextToImage\"\x80\x01\n\x0cImageToImage\x12#\n\ninit_image\x18\x01 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x10\n\x08strength\x18\x02 \x01(\x02\x12$\n\x0bstyle_image\x18\x03 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x13\n\x0bstyle_scale\x18\x04 \x01(\x02\"Z\n\x07Inpaint\x12\x1e\n\x05image\x18\x01 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x1d\n\x04mask\x18\x02 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x10\n\x08strength\x18\x03 \x01(\x02\"\x9d\x01\n\x0ePreviewOptions\x12\x15\n\revery_n_steps\x18\x01 \x01(\r\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.imago.v1.ImageFormat\x12\x10\n\x08max_size\x18\x03 \x01(\r\x12\'\n\x06method\x18\x04 \x01(\x0e\x32\x17.imago.v1.PreviewMethod\x12\x12\n\nall_images\x18\x05 \x01(\x08\"\xeb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06queued\x18\x02 \x01(\x0b\x32\x10.imago.v1.QueuedH\x00\x12$\n\x07started\x18\x03 \x01(\x0b\x32\x11.imago.v1.StartedH\x00\x12&\n\x08progress\x18\x04 \x01(\x0b\x32\x12.imago.v1.ProgressH\x00\x12$\n\x07preview\x18\x05 \x01(\x0b\x32\x11.imago.v1.PreviewH\x00\x12\"\n\x06result\x18\x06 \x01(\x0b\x32\x10.imago.v1.ResultH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\".\n\x07Started\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\"F\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\"L\n\x07Preview\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0bimage_index\x18\x02 \x01(\r\x12\x1e\n\x05image\x18\x03 \x01(\x0b\x32\x0f.imago.v1.Image\"g\n\x0eGeneratedImage\x12\x1e\n\x05image\x18\x01 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x15\n\rnsfw_detected\x18\x03 \x01(\x08\x12\x10\n\x08replaced\x18\x04 \x01(\x08\"j\n\x06Result\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.imago.v1.GeneratedImage\x12$\n\x04info\x18\x02 \x01(\x0b\x32\x16.imago.v1.ResponseInfo\x12\x10\n\x08warnings\x18\x03 \x03(\t*\x81\x01\n\rPreviewMethod\x12\x1e\n\x1aPREVIEW_METHOD_UNSPECIFIED\x10\x00\x12\x1d\n\x19PREVIEW_METHOD_LATENT_RGB\x10\x01\x12\x18\n\x14PREVIEW_METHOD_TAESD\x10\x02\x12\x17\n\x13PREVIEW_METHOD_FULL\x10\x03\x32V\n\x0fImageGenService\x12\x43\n\x08Generate\x12\x19.imago.v1.GenerateRequest\x1a\x1a.imago.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imago/v1/imagegen.proto\x12\x08imago.v1\x1a\x15imago/v1/common.proto\"\x9b\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\nnum_images\x18\x08 \x01(\r\x12,\n\routput_format\x18\t \x01(\x0e\x32\x15.imago.v1.ImageFormat\x12*\n\x08previews\x18\n \x01(\x0b\x32\x18.imago.v1.PreviewOptions\x12\x11\n\tscheduler\x18\x0b \x01(\t\x12\x16\n\x0eoutput_quality\x18\x0c \x01(\r\x12\x17\n\x0fomit_parameters\x18\r \x01(\x08\x12#\n\x05loras\x18\x0e \x03(\x0b\x32\x14.imago.v1.LoraWeight\x12.\n\rtext_to_image\x18\x14 \x01(\x0b\x32\x15.imago.v1.TextToImageH\x00\x12\x30\n\x0eimage_to_image\x18\x15 \x01(\x0b\x32\x16.imago.v1.ImageToImageH\x00\x12$\n\x07inpaint\x18\x16 \x01(\x0b\x32\x11.imago.v1.InpaintH\x00\x42\x06\n\x04taskB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\":\n\nLoraWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_weight\"\r\n\x0bTextToImage\"\x80\x01\n\x0cImageToImage\x12#\n\ninit_image\x18\x01 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x10\n\x08strength\x18\x02 \x01(\x02\x12$\n\x0bstyle_image\x18\x03 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x13\n\x0bstyle_scale\x18\x04 \x01(\x02\"Z\n\x07Inpaint\x12\x1e\n\x05image\x18\x01 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x1d\n\x04mask\x18\x02 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x10\n\x08strength\x18\x03 \x01(\x02\"\x9d\x01\n\x0ePreviewOptions\x12\x15\n\revery_n_steps\x18\x01 \x01(\r\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.imago.v1.ImageFormat\x12\x10\n\x08max_size\x18\x03 \x01(\r\x12\'\n\x06method\x18\x04 \x01(\x0e\x32\x17.imago.v1.PreviewMethod\x12\x12\n\nall_images\x18\x05 \x01(\x08\"\xeb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06queued\x18\x02 \x01(\x0b\x32\x10.imago.v1.QueuedH\x00\x12$\n\x07started\x18\x03 \x01(\x0b\x32\x11.imago.v1.StartedH\x00\x12&\n\x08progress\x18\x04 \x01(\x0b\x32\x12.imago.v1.ProgressH\x00\x12$\n\x07preview\x18\x05 \x01(\x0b\x32\x11.imago.v1.PreviewH\x00\x12\"\n\x06result\x18\x06 \x01(\x0b\x32\x10.imago.v1.ResultH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\".\n\x07Started\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\"F\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\"L\n\x07Preview\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0bimage_index\x18\x02 \x01(\r\x12\x1e\n\x05image\x18\x03 \x01(\x0b\x32\x0f.imago.v1.Image\"g\n\x0eGeneratedImage\x12\x1e\n\x05image\x18\x01 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x15\n\rnsfw_detected\x18\x03 \x01(\x08\x12\x10\n\x08replaced\x18\x04 \x01(\x08\"j\n\x06Result\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.imago.v1.GeneratedImage\x12$\n\x04info\x18\x02 \x01(\x0b\x32\x16.imago.v1.ResponseInfo\x12\x10\n\x08warnings\x18\x03 \x03(\t*\x81\x01\n\rPreviewMethod\x12\x1e\n\x1aPREVIEW_METHOD_UNSPECIFIED\x10\x00\x12\x1d\n\x19PREVIEW_METHOD_LATENT_RGB\x10\x01\x12\x18\n\x14PREVIEW_METHOD_TAESD\x10\x02\x12\x17\n\x13PREVIEW_METHOD_FULL\x10\x03\x32V\n\x0fImageGenService\x12\x43\n\x08Generate\x12\x19.imago.v1.GenerateRequest\x1a\x1a.imago.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imago.v1.imagegen_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREVIEWMETHOD']._serialized_start=1641
-  _globals['_PREVIEWMETHOD']._serialized_end=1770
+  _globals['_PREVIEWMETHOD']._serialized_start=1738
+  _globals['_PREVIEWMETHOD']._serialized_end=1867
   _globals['_GENERATEREQUEST']._serialized_start=61
-  _globals['_GENERATEREQUEST']._serialized_end=563
-  _globals['_TEXTTOIMAGE']._serialized_start=565
-  _globals['_TEXTTOIMAGE']._serialized_end=578
-  _globals['_IMAGETOIMAGE']._serialized_start=581
-  _globals['_IMAGETOIMAGE']._serialized_end=709
-  _globals['_INPAINT']._serialized_start=711
-  _globals['_INPAINT']._serialized_end=801
-  _globals['_PREVIEWOPTIONS']._serialized_start=804
-  _globals['_PREVIEWOPTIONS']._serialized_end=961
-  _globals['_GENERATERESPONSE']._serialized_start=964
-  _globals['_GENERATERESPONSE']._serialized_end=1199
-  _globals['_QUEUED']._serialized_start=1201
-  _globals['_QUEUED']._serialized_end=1227
-  _globals['_STARTED']._serialized_start=1229
-  _globals['_STARTED']._serialized_end=1275
-  _globals['_PROGRESS']._serialized_start=1277
-  _globals['_PROGRESS']._serialized_end=1347
-  _globals['_PREVIEW']._serialized_start=1349
-  _globals['_PREVIEW']._serialized_end=1425
-  _globals['_GENERATEDIMAGE']._serialized_start=1427
-  _globals['_GENERATEDIMAGE']._serialized_end=1530
-  _globals['_RESULT']._serialized_start=1532
-  _globals['_RESULT']._serialized_end=1638
-  _globals['_IMAGEGENSERVICE']._serialized_start=1772
-  _globals['_IMAGEGENSERVICE']._serialized_end=1858
+  _globals['_GENERATEREQUEST']._serialized_end=600
+  _globals['_LORAWEIGHT']._serialized_start=602
+  _globals['_LORAWEIGHT']._serialized_end=660
+  _globals['_TEXTTOIMAGE']._serialized_start=662
+  _globals['_TEXTTOIMAGE']._serialized_end=675
+  _globals['_IMAGETOIMAGE']._serialized_start=678
+  _globals['_IMAGETOIMAGE']._serialized_end=806
+  _globals['_INPAINT']._serialized_start=808
+  _globals['_INPAINT']._serialized_end=898
+  _globals['_PREVIEWOPTIONS']._serialized_start=901
+  _globals['_PREVIEWOPTIONS']._serialized_end=1058
+  _globals['_GENERATERESPONSE']._serialized_start=1061
+  _globals['_GENERATERESPONSE']._serialized_end=1296
+  _globals['_QUEUED']._serialized_start=1298
+  _globals['_QUEUED']._serialized_end=1324
+  _globals['_STARTED']._serialized_start=1326
+  _globals['_STARTED']._serialized_end=1372
+  _globals['_PROGRESS']._serialized_start=1374
+  _globals['_PROGRESS']._serialized_end=1444
+  _globals['_PREVIEW']._serialized_start=1446
+  _globals['_PREVIEW']._serialized_end=1522
+  _globals['_GENERATEDIMAGE']._serialized_start=1524
+  _globals['_GENERATEDIMAGE']._serialized_end=1627
+  _globals['_RESULT']._serialized_start=1629
+  _globals['_RESULT']._serialized_end=1735
+  _globals['_IMAGEGENSERVICE']._serialized_start=1869
+  _globals['_IMAGEGENSERVICE']._serialized_end=1955
 # @@protoc_insertion_point(module_scope)

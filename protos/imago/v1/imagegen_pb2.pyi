@@ -20,7 +20,7 @@ PREVIEW_METHOD_TAESD: PreviewMethod
 PREVIEW_METHOD_FULL: PreviewMethod
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "output_format", "previews", "scheduler", "output_quality", "omit_parameters", "text_to_image", "image_to_image", "inpaint")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "output_format", "previews", "scheduler", "output_quality", "omit_parameters", "loras", "text_to_image", "image_to_image", "inpaint")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class GenerateRequest(_message.Message):
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_QUALITY_FIELD_NUMBER: _ClassVar[int]
     OMIT_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     TEXT_TO_IMAGE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TO_IMAGE_FIELD_NUMBER: _ClassVar[int]
     INPAINT_FIELD_NUMBER: _ClassVar[int]
@@ -50,10 +51,19 @@ class GenerateRequest(_message.Message):
     scheduler: str
     output_quality: int
     omit_parameters: bool
+    loras: _containers.RepeatedCompositeFieldContainer[LoraWeight]
     text_to_image: TextToImage
     image_to_image: ImageToImage
     inpaint: Inpaint
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., previews: _Optional[_Union[PreviewOptions, _Mapping]] = ..., scheduler: _Optional[str] = ..., output_quality: _Optional[int] = ..., omit_parameters: _Optional[bool] = ..., text_to_image: _Optional[_Union[TextToImage, _Mapping]] = ..., image_to_image: _Optional[_Union[ImageToImage, _Mapping]] = ..., inpaint: _Optional[_Union[Inpaint, _Mapping]] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., previews: _Optional[_Union[PreviewOptions, _Mapping]] = ..., scheduler: _Optional[str] = ..., output_quality: _Optional[int] = ..., omit_parameters: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., text_to_image: _Optional[_Union[TextToImage, _Mapping]] = ..., image_to_image: _Optional[_Union[ImageToImage, _Mapping]] = ..., inpaint: _Optional[_Union[Inpaint, _Mapping]] = ...) -> None: ...
+
+class LoraWeight(_message.Message):
+    __slots__ = ("name", "weight")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: float
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class TextToImage(_message.Message):
     __slots__ = ()

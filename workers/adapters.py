@@ -1,0 +1,67 @@
+"""LoRA adapters: which files in an adapter directory are adapters, and which
+names a request may use. Torch-free: the frontend validates names with
+:func:`check_name` before anything is queued.
+
+An adapter is ``<name>.safetensors`` in diffusers' or kohya's LoRA format,
+directly inside the directory. A name is a plain file stem: letters, digits,
+``_``, ``-`` and ``.``, starting with a letter or digit, at most 64
+characters. So a name can never be a path, and ``..`` never appears.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+SUFFIX = ".safetensors"
+
+
+def check_name(name: str) -> str | None:
+    """None for a well-formed adapter name, else what is wrong with it."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        return (
+            f"{name!r} is not an adapter name: use letters, digits, '_', '-' and '.', "
+            "starting with a letter or digit, at most 64 characters, no paths"
+        )
+    return None
+
+
+def adapter_files(directory: Path) -> dict[str, Path]:
+    """{name: file} of the adapters directly in ``directory``; files whose
+    stem is not a valid name are left out."""
+    found = {}
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
+        name = path.name.removesuffix(SUFFIX)
+        if path.is_file() and check_name(name) is None:
+            found[name] = path
+    return found
+
+
+def sync_adapters(pipes: list, directory: Path | None, loaded: set[str]) -> set[str]:
+    """Bring the LoRA adapters of ``pipes`` (diffusers pipelines, one per
+    distinct UNet) in line with ``directory``: load new files, drop adapters
+    whose file is gone. ``loaded`` is what is loaded now; returns what is
+    loaded after. A file that changed under an existing name is reloaded."""
+    files = adapter_files(directory) if directory is not None else {}
+    for name in sorted(loaded - files.keys()):
+        for pipe in pipes:
+            pipe.delete_adapters(name)
+    for name, path in files.items():
+        for pipe in pipes:
+            if name in loaded:
+                pipe.delete_adapters(name)
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    return set(files)
+
+
+def apply_adapters(pipe, loras: tuple[tuple[str, float], ...], loaded: set[str]) -> None:
+    """Make ``pipe`` run with exactly the adapters of ``loras`` at their
+    weights (none for an empty ``loras``)."""
+    if not loaded:
+        return
+    if not loras:
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    pipe.set_adapters([name for name, _ in loras], adapter_weights=[w for _, w in loras])
