@@ -330,8 +330,15 @@ class StableDiffusionRunner(Runner):
                 )
                 for i, (image, flag) in enumerate(pairs)
             ]
+            flagged = [i for i, (meta, _) in enumerate(images) if meta.replaced]
+            warnings = list(member.warnings)
+            if flagged:
+                which = ", ".join(str(i) for i in flagged)
+                warnings.append(
+                    f"the safety checker flagged image {which}; it was replaced by a black image"
+                )
             member.finished = True
-            sink.image_result(member.request_id, images, member.warnings, seconds)
+            sink.image_result(member.request_id, images, warnings, seconds)
 
     def _parameters(self, job: TextToImageJob, seed: int) -> dict[str, str] | None:
         """PNG text chunks describing how the image with ``seed`` was made."""
