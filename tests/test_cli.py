@@ -82,6 +82,15 @@ def test_generate_inpaints_where_the_mask_is_white(server, tmp_path):
     assert Image.open(out).size == (96, 72)
 
 
+def test_generate_writes_previews_by_the_method_asked_for(server, tmp_path):
+    out, previews = tmp_path / "fox.png", tmp_path / "previews"
+    args = ["generate", "a fox", "-o", str(out), "--steps", "2", "--num-images", "2"]
+    more = ["--previews", str(previews), "--preview-method", "full", "--all-previews"]
+    result = imago(server, *args, *more)
+    assert result.returncode == 0, result.stderr
+    assert len(list(previews.iterdir())) == 4  # two steps, two images
+
+
 def test_a_mask_without_an_image_to_repaint_exits_2(server, tmp_path):
     mask = tmp_path / "mask.png"
     mask.write_bytes(png_bytes())

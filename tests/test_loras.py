@@ -138,3 +138,19 @@ def test_sighup_reloads_the_adapter_directory(model_cache, tmp_path):
     finally:
         assert server.stop() == 0, server.log()
     assert "reloaded adapters" in server.log()
+
+
+def test_the_command_line_applies_an_adapter_by_name_and_weight(lora_server, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "inked.png"
+    command = [
+        sys.executable, "-m", "imago.client.cli", "--target", lora_server.target, "generate",
+        "a fox", "-o", str(out), "--steps", "3", "--seed", "4", "--lora", "ink:0.8",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Model: sd-tiny" in Image.open(out).text["parameters"]
+    missing = subprocess.run([*command[:-1], "nope"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
