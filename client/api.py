@@ -202,6 +202,8 @@ def generate_request(
     omit_parameters: bool = False,
     mask_image: ImageInput | None = None,
     loras: dict[str, float] | None = None,
+    style_image: ImageInput | None = None,
+    style_scale: float = 0.0,
 ) -> imagegen_pb2.GenerateRequest:
     """A GenerateRequest: inpainting when ``init_image`` and ``mask_image`` are
     given, image-to-image with ``init_image`` alone, else text-to-image; see
@@ -237,6 +239,9 @@ def generate_request(
     else:
         request.image_to_image.init_image.CopyFrom(_image_message(init_image))
         request.image_to_image.strength = strength
+        if style_image is not None:
+            request.image_to_image.style_image.CopyFrom(_image_message(style_image))
+            request.image_to_image.style_scale = style_scale
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale
     if seed is not None:
@@ -349,6 +354,8 @@ class ImagoClient(_ClientBase):
         omit_parameters: bool = False,
         mask_image: ImageInput | None = None,
         loras: dict[str, float] | None = None,
+        style_image: ImageInput | None = None,
+        style_scale: float = 0.0,
     ) -> Iterator[imagegen_pb2.GenerateResponse]:
         """Streams the events of one generation: text-to-image, or
         image-to-image when ``init_image`` (bytes, a path or a PIL image) is
@@ -367,6 +374,8 @@ class ImagoClient(_ClientBase):
         the model has one) or "full" (the VAE); previews show image 0 only
         unless ``preview_all_images``.
         ``loras`` maps adapter names (loaded by the server) to weights.
+        With an ``init_image``, a ``style_image`` restyles it through the
+        server's IP-Adapter at ``style_scale`` in (0, 2] (0: 1).
         ``output_quality`` (1..100, 0: 95) applies to JPEG and WebP; PNG results
         carry their generation parameters unless ``omit_parameters``.
         Stopping the iteration early cancels the generation on the server.

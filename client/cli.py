@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--init", metavar="IMG", help="redraw this image (image-to-image) instead of drawing anew")
     add("--mask", metavar="IMG", help="with --init: repaint where this mask is white (inpainting)")
     add(
+        "--style", metavar="IMG", help="with --init: restyle after this image (needs an IP-Adapter)"
+    )
+    add("--style-scale", type=float, default=0.0, metavar="S", help="(0, 2] (default: 1)")
+    add(
         "--strength",
         type=float,
         default=0.0,
@@ -300,6 +304,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     init = None if args.init is None else _read(args.init)
     mask = None if args.mask is None else _read(args.mask)
+    style = None if args.style is None else _read(args.style)
     fmt = output_format(args.output, args.format)
     with _local("create", args.output.parent):
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -327,6 +332,8 @@ def _generate(args: argparse.Namespace) -> int:
             omit_parameters=args.omit_parameters,
             mask_image=mask,
             loras=dict(args.lora),
+            style_image=style,
+            style_scale=args.style_scale,
         )
         for event in events:
             kind = event.WhichOneof("event")

@@ -261,18 +261,23 @@ def text_to_image_job(
 
 def image_to_image_job(
     request: imagegen_pb2.GenerateRequest, model: ModelInfo, limits: Limits
-) -> tuple[ImageToImageJob, bytes]:
+) -> tuple[ImageToImageJob, list[bytes]]:
     """Resolve a GenerateRequest whose task is image_to_image; also return the
-    init image's bytes. Width and height default to the init image's size,
-    rounded down to multiples of 8."""
+    init image's bytes, then the style image's when there is one. Width and
+    height default to the init image's size, rounded down to multiples of 8."""
     task = request.image_to_image
+    style, style_scale = None, 0.0
     if task.HasField("style_image"):
-        raise RequestError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"restyling by a style image needs an IP-Adapter, and model {model.name} has none; "
-            "restyle by the prompt instead",
-            "image_to_image.style_image",
-        )
+        if not model.style_images:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"restyling by a style image needs an IP-Adapter, and model {model.name} has "
+                "none; restyle by the prompt instead",
+                "image_to_image.style_image",
+            )
+        style = check_image(task.style_image, "image_to_image.style_image", limits)
+        style_scale = decimal(task.style_scale) or 1.0
+        _in_range("image_to_image.style_scale", style_scale, 0.0, 2.0, low_open=True)
     field = "image_to_image.init_image"
     init = check_image(task.init_image, field, limits)
     init_width, init_height = image_size(init)
@@ -280,13 +285,17 @@ def image_to_image_job(
     height = _size("height", request.height, max(64, init_height // 8 * 8), limits)
     strength = decimal(task.strength) or DEFAULT_STRENGTH
     _in_range("image_to_image.strength", strength, 0.0, 1.0, low_open=True)
-    job = ImageToImageJob(**_generation(request, model, limits, width, height), strength=strength)
+    job = ImageToImageJob(
+        **_generation(request, model, limits, width, height),
+        strength=strength,
+        style_scale=style_scale,
+    )
     if job.steps_run < 1:
         raise invalid(
             "image_to_image.strength",
             f"steps x strength must be at least 1 step, got {job.steps} x {strength:g}",
         )
-    return job, init
+    return job, [init] if style is None else [init, style]
 
 
 def inpaint_job(
@@ -323,7 +332,6 @@ def generate_job(
     if task == "text_to_image":
         return text_to_image_job(request, model, limits), []
     if task == "image_to_image":
-        job, init = image_to_image_job(request, model, limits)
-        return job, [init]
+        return image_to_image_job(request, model, limits)
     job, image, mask = inpaint_job(request, model, limits)
     return job, [image, mask]

@@ -172,7 +172,7 @@ def img2img(size=(100, 70), **task) -> imagegen_pb2.GenerateRequest:
 
 
 def test_image_to_image_takes_the_init_images_size_and_default_strength():
-    job, init = image_to_image_job(img2img(size=(100, 70)), SD, LIMITS)
+    job, (init,) = image_to_image_job(img2img(size=(100, 70)), SD, LIMITS)
     assert (job.width, job.height, job.strength) == (96, 64, 0.8)
     assert job.steps_run == 24  # 30 steps x 0.8
     assert init.startswith(b"\x89PNG")

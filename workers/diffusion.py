@@ -77,6 +77,21 @@ def _load(pipeline_class: type[DiffusionPipeline], name: str, source: str, dtype
         ) from exc
 
 
+def _load_ip_adapter(pipe: StableDiffusionPipeline, directory: Path, name: str) -> None:
+    weights = sorted(directory.glob("*.safetensors"))
+    if len(weights) != 1 or not (directory / "image_encoder").is_dir():
+        raise ValueError(
+            f"IP-Adapter directory {str(directory)!r} for {name!r} needs image_encoder/ and "
+            "exactly one .safetensors file"
+        )
+    pipe.load_ip_adapter(
+        str(directory),
+        subfolder="",
+        weight_name=weights[0].name,
+        image_encoder_folder="image_encoder",
+    )
+
+
 @contextmanager
 def _swapped_scheduler(pipe: DiffusionPipeline, scheduler: SchedulerMixin) -> Iterator[None]:
     """Run ``pipe`` with ``scheduler`` for the duration of the block. A worker
@@ -113,6 +128,9 @@ class StableDiffusionRunner(Runner):
         # LoRA adapters: the directory they come from, and the names loaded.
         self.lora_dir: Path | None = None
         self.adapters: set[str] = set()
+        # An IP-Adapter in the shared UNet: every call through it then needs an
+        # image, which is a blank one at scale 0 (exactly no effect) without style.
+        self.style_images = getattr(pipe.unet, "encoder_hid_proj", None) is not None
         # Named schedulers built from the checkpoint's own config; "" is its own.
         self._schedulers: dict[str, SchedulerMixin] = {"": pipe.scheduler}
         # Image-to-image (and generic inpainting) share every component, and so
@@ -148,12 +166,14 @@ class StableDiffusionRunner(Runner):
         inpaint: str = "",
         taesd: str = "",
         loras: str = "",
+        ip_adapter: str = "",
         **extras: str,
     ) -> StableDiffusionRunner:
         """Load ``source`` (a diffusers directory or a hub id), the dedicated
         inpainting checkpoint ``inpaint`` and the preview autoencoder ``taesd``
-        when given, in float16 on CUDA and float32 elsewhere, and the LoRA
-        adapters in the directory ``loras``."""
+        when given, in float16 on CUDA and float32 elsewhere, the LoRA
+        adapters in the directory ``loras``, and the IP-Adapter in the
+        directory ``ip_adapter`` (``image_encoder/`` and one .safetensors)."""
         if extras:
             raise ValueError(f"unknown extra sources for {name!r}: {', '.join(extras)}")
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -176,6 +196,10 @@ class StableDiffusionRunner(Runner):
                 tiny_decoder = AutoencoderTiny.from_pretrained(taesd, dtype=dtype).to(device)
             except Exception as exc:
                 raise RuntimeError(f"cannot load TAESD for {name!r} from {taesd!r}: {exc}") from exc
+        if ip_adapter:
+            _load_ip_adapter(pipe, Path(ip_adapter), name)
+        # Built after the IP-Adapter, so that every pipeline sharing the UNet
+        # also gets its image encoder.
         runner = cls(name, source, pipe, dedicated, tiny_decoder)
         if loras:
             runner.lora_dir = Path(loras)
@@ -191,6 +215,7 @@ class StableDiffusionRunner(Runner):
             max_prompt_tokens=self.pipe.tokenizer.model_max_length,
             preview_methods=["full", "taesd"] if self.taesd is not None else ["full"],
             adapters=sorted(self.adapters),
+            style_images=self.style_images,
         )
 
     def reload(self) -> None:
@@ -301,6 +326,11 @@ class StableDiffusionRunner(Runner):
         capture = X0Capture(self.scheduler_template(job.scheduler))
         reporter = StepReporter(members, steps_run, sink, capture, self.render_preview)
         apply_adapters(pipe, job.loras, self.adapters)
+        if self.style_images and pipe.unet is self.pipe.unet:
+            style = members[0].inputs.style if members[0].inputs else None
+            scale = job.style_scale if isinstance(job, ImageToImageJob) and style else 0.0
+            pipe.set_ip_adapter_scale(scale)
+            arguments["ip_adapter_image"] = style if scale else Image.new("RGB", (32, 32))
         try:
             with _swapped_scheduler(pipe, capture.scheduler):
                 output = pipe(**arguments, callback_on_step_end=reporter)

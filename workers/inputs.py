@@ -27,6 +27,9 @@ class JobInputs:
 
     image: Image.Image
     mask: Image.Image | None = None
+    # The style reference of image-to-image, as sent (the IP-Adapter's own
+    # preprocessing sizes it).
+    style: Image.Image | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -53,9 +56,13 @@ def job_inputs(job: ImageToImageJob, frames: list[bytes]) -> JobInputs:
                 f"the mask is {mask.width}x{mask.height} but the image "
                 f"{image.width}x{image.height}; the mask was resized to fit"
             )
-        return JobInputs(_fit(image, size), _fit(mask, size), notes)
+        return JobInputs(_fit(image, size), mask=_fit(mask, size), notes=notes)
     image = _decode(frames[0] if frames else None, "image_to_image.init_image.data", "RGB")
-    return JobInputs(_fit(image, size))
+    style = None
+    if job.style_scale > 0:
+        data = frames[1] if len(frames) > 1 else None
+        style = _decode(data, "image_to_image.style_image.data", "RGB")
+    return JobInputs(_fit(image, size), style=style)
 
 
 def _fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -19,6 +19,8 @@ INPAINT = "inpaint"
 TAESD = "taesd"
 #: Role of a directory of LoRA adapters among a Stable Diffusion model's extras.
 LORAS = "loras"
+#: Role of an IP-Adapter directory (image_encoder/ and one .safetensors file).
+IP_ADAPTER = "ip_adapter"
 
 #: Services each family answers.
 FAMILY_SERVICES: dict[str, tuple[str, ...]] = {
@@ -148,11 +150,13 @@ def with_overrides(
     "inpaint=SOURCE" gives the Stable Diffusion model a dedicated inpainting
     checkpoint instead; "inpaint=" takes it away (generic inpainting).
     "taesd=SOURCE" and "taesd=" do the same for its preview autoencoder, and
-    "loras=DIR" and "loras=" for its directory of LoRA adapters."""
+    "loras=DIR" and "loras=" for its directory of LoRA adapters, and
+    "ip_adapter=DIR" and "ip_adapter=" for the IP-Adapter that restyles by a
+    style image."""
     chosen = {spec.family: spec for spec in models}
     for override in overrides:
         family, sep, source = override.partition("=")
-        if family in (INPAINT, TAESD, LORAS) and sep:
+        if family in (INPAINT, TAESD, LORAS, IP_ADAPTER) and sep:
             if STABLE_DIFFUSION not in chosen:
                 raise ValueError(f"{override!r}: there is no Stable Diffusion model to give it")
             spec = chosen[STABLE_DIFFUSION]

@@ -81,6 +81,8 @@ class ImageToImageJob(TextToImageJob, tag="image_to_image", frozen=True):
     ``steps_run`` = int(steps x strength) of the ``steps``."""
 
     strength: float = 0.8
+    # Weight of the style image (frame 1) through the IP-Adapter; 0: none.
+    style_scale: float = 0.0
 
     @property
     def steps_run(self) -> int:
@@ -113,6 +115,8 @@ def batch_key(job: Job) -> tuple | None:
             return None
         return ("text", msgspec.structs.replace(job.settings, seed=0))
     if isinstance(job, ImageToImageJob):
+        if job.style_scale > 0:
+            return None  # diffusers takes one style image per call
         return (
             "inpaint" if isinstance(job, InpaintJob) else "image_to_image",
             job.width,
@@ -196,6 +200,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     preview_methods: list[str] = []
     # Names of the LoRA adapters loaded, which requests may apply.
     adapters: list[str] = []
+    # Whether an IP-Adapter is loaded, so image-to-image takes a style image.
+    style_images: bool = False
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True):

@@ -28,6 +28,7 @@ def _builders() -> dict[str, Callable[[Path], None]]:
         "stable-diffusion": tiny_sd.build,
         "stable-diffusion-inpaint": tiny_sd.build_inpaint,
         "taesd": tiny_sd.build_taesd,
+        "ip-adapter": tiny_sd.build_ip_adapter,
     }
 
 

@@ -167,6 +167,47 @@ def build_taesd(path: Path) -> None:
     taesd.save_pretrained(path, safe_serialization=True)
 
 
+def build_ip_adapter(path: Path) -> None:
+    """Write a tiny IP-Adapter for the tiny model to ``path``: a CLIP image
+    encoder in ``image_encoder/`` and ``ip-adapter.safetensors`` holding the
+    image projection (4 tokens) and the key/value projections of every
+    cross-attention layer, laid out as h94/IP-Adapter's SD 1.5 files are."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(SEED + 5)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=4,
+            projection_dim=32,
+        )  # fmt: skip
+    )
+    encoder.save_pretrained(path / "image_encoder", safe_serialization=True)
+    unet = _components(unet_in_channels=4, unet_seed=SEED + 1)["unet"]
+    cross, widths = unet.config.cross_attention_dim, unet.config.block_out_channels
+    weights, key = {}, 1
+    # diffusers numbers the cross-attention layers 1, 3, 5, ... in processor order.
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        block = int(name.split(".")[1]) if not name.startswith("mid_block") else -1
+        width = list(reversed(widths))[block] if name.startswith("up_blocks") else widths[block]
+        for projection in ("to_k_ip", "to_v_ip"):
+            weights[f"ip_adapter.{key}.{projection}.weight"] = torch.randn(width, cross) * 0.2
+        key += 2
+    tokens = 4
+    weights["image_proj.proj.weight"] = torch.randn(cross * tokens, 32) * 0.2
+    weights["image_proj.proj.bias"] = torch.zeros(cross * tokens)
+    weights["image_proj.norm.weight"] = torch.ones(cross)
+    weights["image_proj.norm.bias"] = torch.zeros(cross)
+    save_file(weights, path / "ip-adapter.safetensors")
+
+
 def _components(unet_in_channels: int, unet_seed: int) -> dict:
     """Seeded pipeline components; only the UNet depends on the arguments."""
     # Imported here so that listing the tiny builders stays cheap.
