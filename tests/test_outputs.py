@@ -81,3 +81,11 @@ def test_quality_out_of_range_names_the_field(client, quality):
         client.generate_result("a lighthouse", steps=2, output_quality=quality)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "output_quality" in caught.value.details()
+
+
+def test_a_prompt_past_the_text_encoders_limit_is_truncated_with_a_warning(client):
+    prompt = " ".join(["cat"] * 75 + ["blue", "castle"])
+    result = client.generate_result(prompt, steps=2)
+    assert result.images
+    (warning,) = result.warnings
+    assert warning.startswith("prompt ") and "'blue castle'" in warning
