@@ -318,6 +318,14 @@ class ImagoClient(_ClientBase):
         request = caption_request(image, prefix, generation, **settings)
         return self._caption.Caption(request, timeout=self.timeout)
 
+    def caption_stream(
+        self, requests: Iterator[caption_pb2.CaptionStreamRequest]
+    ) -> Iterator[caption_pb2.CaptionStreamResponse]:
+        """Captions a stream of requests, each with an id of the caller's
+        choosing; responses come as they finish, ids echoed, failures in band.
+        ``requests`` is read as the server asks for more (flow control)."""
+        return self._caption.CaptionStream(requests, timeout=self.timeout)
+
     def ask(
         self,
         image: ImageInput,

@@ -22,12 +22,19 @@ import grpc
 from imago.client.api import DEFAULT_TARGET, GENERATION_FIELDS, ImagoClient
 from imago.client.argtypes import uint
 from imago.client.bench import add_bench_parser
+from imago.client.bulk import caption_to_file, image_paths
 from imago.client.serving import add_serve_parser
 
 _SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 _FORMAT_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 _MIME_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
+
+_CAPTION_DOC = """Caption images, printing one line per image. With --out FILE, caption
+them all through one bulk stream into JSON lines, with a progress bar: an
+existing FILE is resumed (images already captioned are skipped), unreadable
+files are skipped and reported, and the exit status is 1 if any image was
+skipped or refused."""
 
 _GEN_DOC = """Generate images from a prompt. Prints each image's file and seed. With
 --num-images N > 1, images go to FILE-0.EXT, FILE-1.EXT, ... beside -o FILE."""
@@ -84,8 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
-    p = sub.add_parser("caption", help="caption images", description="Caption images.")
-    p.add_argument("images", nargs="+", metavar="IMG", help="image files (PNG, JPEG, WebP)")
+    p = sub.add_parser("caption", help="caption images", description=_CAPTION_DOC)
+    p.add_argument(
+        "images", nargs="+", metavar="IMG", help="image files (PNG, JPEG, WebP) or directories"
+    )
+    p.add_argument(
+        "--out", type=Path, metavar="FILE", help="append JSON lines here through one bulk stream"
+    )
     p.add_argument("--prefix", default="", metavar="TEXT", help="text the caption starts with")
     _add_generation_options(p)
     p.add_argument("--json", action="store_true", help="print JSON lines with all details")
@@ -263,6 +275,9 @@ def _client(args: argparse.Namespace) -> ImagoClient:
 
 def _caption(args: argparse.Namespace) -> int:
     settings = generation_options(args)
+    if args.out is not None:
+        return _caption_to_file(args, settings)
+    args.images = [str(path) for path in image_paths(args.images)]
     _check_readable(args.images)
     with _client(args) as client:
         for path in args.images:
@@ -274,6 +289,22 @@ def _caption(args: argparse.Namespace) -> int:
                 text = reply.captions[0].text if reply.captions else ""
                 print(f"{path}\t{_one_line(text)}", flush=True)
     return 0
+
+
+def _caption_to_file(args: argparse.Namespace, settings: dict[str, Any]) -> int:
+    with _local("append to", args.out), args.out.open("a"):
+        pass
+    with _client(args) as client:
+        ok, refused, unreadable = caption_to_file(
+            client, args.images, args.out, args.prefix, settings
+        )
+    for path, reason in unreadable:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(
+        f"captioned {ok}, refused {refused}, unreadable {len(unreadable)} -> {args.out}",
+        file=sys.stderr,
+    )
+    return 1 if refused or unreadable else 0
 
 
 def _ask(args: argparse.Namespace) -> int:
