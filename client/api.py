@@ -326,6 +326,12 @@ class ImagoClient(_ClientBase):
         ``requests`` is read as the server asks for more (flow control)."""
         return self._caption.CaptionStream(requests, timeout=self.timeout)
 
+    def ask_stream(
+        self, requests: Iterator[vqa_pb2.AskStreamRequest]
+    ) -> Iterator[vqa_pb2.AskStreamResponse]:
+        """Answers a stream of questions; see :meth:`caption_stream`."""
+        return self._vqa.AskStream(requests, timeout=self.timeout)
+
     def ask(
         self,
         image: ImageInput,

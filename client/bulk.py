@@ -1,25 +1,37 @@
-"""``imago caption --out FILE``: caption many images through one bulk stream.
+"""Bulk tools: ``imago caption --out FILE`` and ``imago ask --questions FILE
+--out FILE`` run many requests through one bidirectional stream.
 
 Inputs are files and directories (searched recursively for PNG, JPEG and
 WebP). Results are appended to a JSON Lines file as they arrive, one line per
-image; a run that finds the file already there skips the images it already
-captioned, so an interrupted run resumes. Files that cannot be read are
-skipped and reported at the end; images the server refuses get a line with
-their error and are retried by the next run.
+image (per image and question for ``ask``); a run that finds the file already
+there skips what it already answered, so an interrupted run resumes. Files
+that cannot be read are skipped and reported at the end; requests the server
+refuses get a line with their error and are retried by the next run. Images
+are read lazily, as the stream's flow control asks for more.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imago.client.api import ImagoClient, caption_request
-from imago.v1 import caption_pb2
+from imago.client.api import ImagoClient, ask_request, caption_request
+from imago.v1 import caption_pb2, vqa_pb2
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+@dataclass
+class BulkReport:
+    """How a bulk run went: answered, refused by the server, unreadable files."""
+
+    answered: int = 0
+    refused: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
 def image_paths(inputs: list[str]) -> list[Path]:
@@ -36,9 +48,9 @@ def image_paths(inputs: list[str]) -> list[Path]:
     return found
 
 
-def captioned(out: Path) -> set[str]:
-    """Images that already have a caption line (no error) in ``out``."""
-    done: set[str] = set()
+def answered(out: Path, result: str, keys: tuple[str, ...]) -> set[tuple]:
+    """The ``keys`` of records in ``out`` that carry ``result`` (no error)."""
+    done: set[tuple] = set()
     if not out.exists():
         return done
     with out.open(encoding="utf-8") as lines:
@@ -47,9 +59,116 @@ def captioned(out: Path) -> set[str]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by an interrupted run
-            if isinstance(record, dict) and "captions" in record and "image" in record:
-                done.add(record["image"])
+            if isinstance(record, dict) and result in record and all(k in record for k in keys):
+                done.add(tuple(record[k] for k in keys))
     return done
+
+
+def captioned(out: Path) -> set[str]:
+    """Images that already have a caption line (no error) in ``out``."""
+    return {image for (image,) in answered(out, "captions", ("image",))}
+
+
+def caption_to_file(
+    client: ImagoClient,
+    inputs: list[str],
+    out: Path,
+    prefix: str,
+    settings: dict[str, Any],
+    progress: bool = True,
+) -> BulkReport:
+    """Caption every image of ``inputs`` not yet in ``out`` into ``out``."""
+    done = captioned(out)
+    todo = [({"image": str(p)}, p) for p in image_paths(inputs) if str(p) not in done]
+
+    def request(key: str, data: bytes, _: dict) -> caption_pb2.CaptionStreamRequest:
+        return caption_pb2.CaptionStreamRequest(
+            id=key, request=caption_request(data, prefix, **settings)
+        )
+
+    return _stream_to_file(
+        todo, out, request, client.caption_stream, "captions", lambda r: r.captions, progress
+    )
+
+
+def ask_to_file(
+    client: ImagoClient,
+    inputs: list[str],
+    questions: list[str],
+    out: Path,
+    settings: dict[str, Any],
+    progress: bool = True,
+) -> BulkReport:
+    """Ask every question of ``questions`` about every image of ``inputs``,
+    except the pairs already answered in ``out``, into ``out``."""
+    done = answered(out, "answers", ("image", "question"))
+    todo = [
+        ({"image": str(p), "question": q}, p)
+        for p in image_paths(inputs)
+        for q in questions
+        if (str(p), q) not in done
+    ]
+
+    def request(key: str, data: bytes, record: dict) -> vqa_pb2.AskStreamRequest:
+        return vqa_pb2.AskStreamRequest(
+            id=key, request=ask_request(data, record["question"], **settings)
+        )
+
+    return _stream_to_file(
+        todo, out, request, client.ask_stream, "answers", lambda r: r.answers, progress
+    )
+
+
+def _stream_to_file(
+    todo: list[tuple[dict, Path]],
+    out: Path,
+    make_request: Callable[[str, bytes, dict], Any],
+    stream: Callable[[Iterator[Any]], Iterator[Any]],
+    result: str,
+    texts_of: Callable[[Any], Any],
+    progress: bool,
+) -> BulkReport:
+    from tqdm import tqdm
+
+    report = BulkReport()
+    pending: dict[str, dict] = {}
+
+    def requests() -> Iterator[Any]:
+        for index, (record, path) in enumerate(todo):
+            try:
+                data = path.read_bytes()
+            except OSError as err:
+                report.unreadable.append((str(path), err.strerror or str(err)))
+                bar.update(1)
+                continue
+            pending[str(index)] = record
+            yield make_request(str(index), data, record)
+
+    _end_cut_line(out)
+    with (
+        out.open("a", encoding="utf-8") as sink,
+        tqdm(
+            total=len(todo), unit="req", file=sys.stderr, disable=None if progress else True
+        ) as bar,
+    ):
+        for reply in stream(requests()):
+            record = dict(pending.pop(reply.id))
+            if reply.HasField("error"):
+                report.refused += 1
+                error = reply.error
+                record["error"] = {"code": error.code, "message": error.message,
+                                   "field": error.field}  # fmt: skip
+            else:
+                report.answered += 1
+                record[result] = [
+                    {"text": t.text, **({"score": t.score} if t.HasField("score") else {})}
+                    for t in texts_of(reply.response)
+                ]
+                record["model"] = reply.response.info.model
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+            bar.update(1)
+    return report
 
 
 def _end_cut_line(out: Path) -> None:
@@ -60,57 +179,3 @@ def _end_cut_line(out: Path) -> None:
             file.seek(-1, 2)
             if file.read(1) != b"\n":
                 file.write(b"\n")
-
-
-def caption_to_file(
-    client: ImagoClient,
-    inputs: list[str],
-    out: Path,
-    prefix: str,
-    settings: dict[str, Any],
-    progress: bool = True,
-) -> tuple[int, int, list[tuple[str, str]]]:
-    """Caption every image of ``inputs`` not yet in ``out`` into ``out``.
-    Returns (captioned, refused by the server, [(unreadable path, reason)])."""
-    from tqdm import tqdm
-
-    done = captioned(out)
-    todo = [p for p in image_paths(inputs) if str(p) not in done]
-    unreadable: list[tuple[str, str]] = []
-    by_id: dict[str, str] = {}
-
-    def requests() -> Iterator[caption_pb2.CaptionStreamRequest]:
-        for index, path in enumerate(todo):
-            try:
-                data = path.read_bytes()
-            except OSError as err:
-                unreadable.append((str(path), err.strerror or str(err)))
-                bar.update(1)
-                continue
-            by_id[str(index)] = str(path)
-            request = caption_request(data, prefix, **settings)
-            yield caption_pb2.CaptionStreamRequest(id=str(index), request=request)
-
-    ok = refused = 0
-    disable = None if progress else True
-    _end_cut_line(out)
-    with (
-        out.open("a", encoding="utf-8") as sink,
-        tqdm(total=len(todo), unit="img", file=sys.stderr, disable=disable) as bar,
-    ):
-        for reply in client.caption_stream(requests()):
-            path = by_id.pop(reply.id)
-            if reply.HasField("error"):
-                refused += 1
-                error = {"code": reply.error.code, "message": reply.error.message,
-                         "field": reply.error.field}  # fmt: skip
-                record: dict[str, Any] = {"image": path, "error": error}
-            else:
-                ok += 1
-                texts = [{"text": c.text, **({"score": c.score} if c.HasField("score") else {})}
-                         for c in reply.response.captions]  # fmt: skip
-                record = {"image": path, "captions": texts, "model": reply.response.info.model}
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
-            bar.update(1)
-    return ok, refused, unreadable

@@ -22,7 +22,7 @@ import grpc
 from imago.client.api import DEFAULT_TARGET, GENERATION_FIELDS, ImagoClient
 from imago.client.argtypes import uint
 from imago.client.bench import add_bench_parser
-from imago.client.bulk import caption_to_file, image_paths
+from imago.client.bulk import BulkReport, ask_to_file, caption_to_file, image_paths
 from imago.client.serving import add_serve_parser
 
 _SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -35,6 +35,12 @@ them all through one bulk stream into JSON lines, with a progress bar: an
 existing FILE is resumed (images already captioned are skipped), unreadable
 files are skipped and reported, and the exit status is 1 if any image was
 skipped or refused."""
+
+_ASK_DOC = """Answer a question about an image: imago ask IMG QUESTION. With
+--questions FILE --out FILE, ask every question of FILE about every image
+named (files or directories) through one bulk stream into JSON lines,
+resuming an existing FILE; the exit status is 1 if anything was skipped or
+refused."""
 
 _GEN_DOC = """Generate images from a prompt. Prints each image's file and seed. With
 --num-images N > 1, images go to FILE-0.EXT, FILE-1.EXT, ... beside -o FILE."""
@@ -103,9 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON lines with all details")
     p.set_defaults(func=_caption)
 
-    p = sub.add_parser("ask", help="ask about an image", description="Answer a question.")
-    p.add_argument("image", metavar="IMG", help="image file (PNG, JPEG, WebP)")
-    p.add_argument("question", help="the question")
+    p = sub.add_parser("ask", help="ask about an image", description=_ASK_DOC)
+    p.add_argument(
+        "inputs", nargs="+", metavar="IMG QUESTION | IMG...", help="an image and a question, "
+        "or with --questions, image files and directories",
+    )  # fmt: skip
+    p.add_argument("--questions", type=Path, metavar="FILE", help="questions, one per line")
+    p.add_argument("--out", type=Path, metavar="FILE", help="with --questions: JSON lines here")
     _add_generation_options(p)
     p.add_argument("--json", action="store_true", help="print a JSON line with all details")
     p.set_defaults(func=_ask)
@@ -295,24 +305,45 @@ def _caption_to_file(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     with _local("append to", args.out), args.out.open("a"):
         pass
     with _client(args) as client:
-        ok, refused, unreadable = caption_to_file(
-            client, args.images, args.out, args.prefix, settings
-        )
-    for path, reason in unreadable:
+        report = caption_to_file(client, args.images, args.out, args.prefix, settings)
+    return _bulk_done("captioned", report, args.out)
+
+
+def _ask_to_file(args: argparse.Namespace) -> int:
+    if args.questions is None or args.out is None:
+        print("error: --questions and --out go together", file=sys.stderr)
+        return 2
+    with _local("read", args.questions):
+        text = args.questions.read_text(encoding="utf-8")
+    questions = [line.strip() for line in text.splitlines() if line.strip()]
+    with _local("append to", args.out), args.out.open("a"):
+        pass
+    with _client(args) as client:
+        report = ask_to_file(client, args.inputs, questions, args.out, generation_options(args))
+    return _bulk_done("answered", report, args.out)
+
+
+def _bulk_done(verb: str, report: BulkReport, out: Path) -> int:
+    for path, reason in report.unreadable:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    print(
-        f"captioned {ok}, refused {refused}, unreadable {len(unreadable)} -> {args.out}",
-        file=sys.stderr,
-    )
-    return 1 if refused or unreadable else 0
+    counts = f"refused {report.refused}, unreadable {len(report.unreadable)}"
+    print(f"{verb} {report.answered}, {counts} -> {out}", file=sys.stderr)
+    return 1 if report.refused or report.unreadable else 0
 
 
 def _ask(args: argparse.Namespace) -> int:
-    data = _read(args.image)
+    if args.questions is not None or args.out is not None:
+        return _ask_to_file(args)
+    if len(args.inputs) != 2:
+        print("error: ask takes IMG QUESTION, or IMG... with --questions and --out",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    image, question = args.inputs
+    data = _read(image)
     with _client(args) as client:
-        reply = client.ask(data, args.question, **generation_options(args))
+        reply = client.ask(data, question, **generation_options(args))
     if args.json:
-        line = {"image": args.image, "question": args.question, "answers": _texts(reply.answers)}
+        line = {"image": image, "question": question, "answers": _texts(reply.answers)}
         print(json.dumps({**line, **_details(reply)}))
     else:
         print(reply.answers[0].text if reply.answers else "")

@@ -83,3 +83,28 @@ def test_images_the_server_refuses_get_an_error_line_and_are_retried_later(serve
     assert [r["image"] for r in errors] == [str(broken)]
     assert errors[0]["error"]["field"] == "image.data"
     assert captioned(out) == {str(good[0])}
+
+
+def ask(server, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "imago.client.cli", "--target", server.target, "ask"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_every_question_is_asked_about_every_image_and_resumed(server, tmp_path):
+    paths = images(tmp_path / "in", 3)
+    questions = tmp_path / "questions.txt"
+    questions.write_text("what colour is it?\n\nis there a stripe?\n")
+    out = tmp_path / "answers.jsonl"
+    done = ask(server, str(tmp_path / "in"), "--questions", str(questions), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    pairs = {(r["image"], r["question"]) for r in lines(out) if r["answers"]}
+    expected = {(str(p), q) for p in paths for q in ("what colour is it?", "is there a stripe?")}
+    assert pairs == expected
+    again = ask(server, str(tmp_path / "in"), "--questions", str(questions), "--out", str(out))
+    assert "answered 0" in again.stderr and len(lines(out)) == 6
+
+
+def test_ask_needs_an_image_and_a_question_or_a_questions_file(server, tmp_path):
+    assert ask(server, "a.png", "b.png", "why?").returncode == 2
+    lone = ask(server, "a.png", "--questions", str(tmp_path / "q.txt"))
+    assert lone.returncode == 2 and "go together" in lone.stderr

@@ -90,7 +90,7 @@ def test_no_sample_sets_do_sample_false():
 
 def test_ask_and_caption_positionals():
     args = parse("ask", "cat.jpg", "what colour is the cat?", "--json")
-    assert (args.image, args.question, args.json) == ("cat.jpg", "what colour is the cat?", True)
+    assert (args.inputs, args.json) == (["cat.jpg", "what colour is the cat?"], True)
     args = parse("caption", "a.png", "b.jpg", "--prefix", "a photo of")
     assert (args.images, args.prefix, args.json) == (["a.png", "b.jpg"], "a photo of", False)
 
