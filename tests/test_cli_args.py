@@ -13,14 +13,8 @@ from PIL import Image
 
 from imago.client import ImagoClient, image_bytes
 from imago.client.api import generate_request, generation_settings, image_format
-from imago.client.cli import (
-    build_parser,
-    generation_options,
-    main,
-    output_format,
-    output_paths,
-    preview_name,
-)
+from imago.client.cli import build_parser, generation_options, main
+from imago.client.generating import output_format, output_paths, preview_name
 from imago.client.serving import serve_config
 from imago.v1 import common_pb2, imagegen_pb2
 
