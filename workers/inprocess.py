@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from imago.workers.presets import model_for_service, preset
 from imago.workers.protocol import GeneratedText, ImageMeta
-from imago.workers.runner import Cancelled, EventSink, Request, Runner
+from imago.workers.runner import EventSink, Request, Runner, run_to_the_end
 
 
 @dataclass
@@ -130,23 +130,11 @@ def run_direct(runner: Runner, requests: list[Request], batch_size: int = 1) -> 
     sink = CollectingSink()
     for first in range(0, len(requests), batch_size):
         batch = requests[first : first + batch_size]
-        code, message = "INTERNAL", "the model returned no result"
         started = time.perf_counter()
-        try:
-            runner.run(batch, sink)
-        except Cancelled:
-            code, message = "CANCELLED", "cancelled"
-        except MemoryError as exc:
-            code, message = "RESOURCE_EXHAUSTED", f"out of memory: {exc}"
-        except Exception as exc:
-            name = type(exc).__name__
-            code = "RESOURCE_EXHAUSTED" if name == "OutOfMemoryError" else "INTERNAL"
-            message = f"{name}: {exc}"
+        run_to_the_end(runner, batch, sink, sink.finished)
         ended = time.perf_counter()
         for request in batch:
             rid = request.request_id
-            if rid not in sink.finished:
-                sink.failed(rid, code, message)
             result = sink.results[rid]
             result.seconds = min(sink.finished_at[rid], ended) - started
             result.call_seconds, result.batch_size = ended - started, len(batch)

@@ -174,31 +174,14 @@ def _reload(worker_id: str, runners: dict) -> AdaptersReloaded:
 
 
 def _run_batch(runners: dict, batch: RunBatch, frames: list[bytes], channel: WorkerChannel):
-    from imago.workers.runner import Cancelled, Request
+    from imago.workers.runner import Request, run_to_the_end
 
     requests, offset = [], 0
     for item in batch.items:
         requests.append(Request(item.request_id, item.job, frames[offset : offset + item.frames]))
         offset += item.frames
     channel.finished.clear()
-    try:
-        runners[batch.model].run(requests, channel)
-        code, message = "INTERNAL", "the model returned no result"
-    except Cancelled:
-        code, message = "CANCELLED", "cancelled"
-    except MemoryError as exc:
-        code, message = "RESOURCE_EXHAUSTED", f"out of memory: {exc}"
-    except Exception as exc:
-        # torch.cuda.OutOfMemoryError is not a MemoryError; recognise it by name
-        # so this module stays free of torch.
-        if type(exc).__name__ == "OutOfMemoryError":
-            code, message = "RESOURCE_EXHAUSTED", f"out of device memory: {exc}"
-        else:
-            log.error("batch %d failed:\n%s", batch.batch_id, traceback.format_exc())
-            code, message = "INTERNAL", f"{type(exc).__name__}: {exc}"
-    for request in requests:
-        if request.request_id not in channel.finished:
-            channel.failed(request.request_id, code, message)
+    run_to_the_end(runners[batch.model], requests, channel, channel.finished)
     channel.cancelled.difference_update(r.request_id for r in requests)
     channel.send(BatchDone(batch.batch_id))
 

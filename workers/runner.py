@@ -9,10 +9,14 @@ and naming it in :data:`imago.workers.presets.FAMILIES`.
 from __future__ import annotations
 
 import abc
+import logging
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from imago.workers.protocol import GeneratedText, ImageMeta, Job, ModelInfo
+
+log = logging.getLogger("imago.worker")
 
 
 @dataclass(frozen=True)
@@ -102,3 +106,35 @@ class Runner(abc.ABC):
         ``failed`` per request. The frontend batches requests whose
         :func:`~imago.workers.protocol.batch_key` agrees; a runner still
         checks, and runs requests that cannot share a call separately."""
+
+
+def failure_of(exc: Exception) -> tuple[str, str]:
+    """The gRPC status name and message for requests a runner raised ``exc``
+    on: CANCELLED, RESOURCE_EXHAUSTED for running out of (device) memory,
+    INTERNAL (logged with its traceback) for anything else."""
+    if isinstance(exc, Cancelled):
+        return "CANCELLED", "cancelled"
+    if isinstance(exc, MemoryError):
+        return "RESOURCE_EXHAUSTED", f"out of memory: {exc}"
+    # torch.cuda.OutOfMemoryError is not a MemoryError; recognise it by name
+    # so this module stays free of torch.
+    if type(exc).__name__ == "OutOfMemoryError":
+        return "RESOURCE_EXHAUSTED", f"out of device memory: {exc}"
+    log.error("a batch failed", exc_info=exc)
+    return "INTERNAL", f"{type(exc).__name__}: {exc}"
+
+
+def run_to_the_end(
+    runner: Runner, batch: list[Request], sink: EventSink, finished: Container[str]
+) -> None:
+    """Run ``batch`` on ``runner`` and make sure every request gets an outcome:
+    those not in ``finished`` afterwards (the runner raised, or forgot one)
+    are failed on ``sink`` as :func:`failure_of` says."""
+    try:
+        runner.run(batch, sink)
+        code, message = "INTERNAL", "the model returned no result"
+    except Exception as exc:
+        code, message = failure_of(exc)
+    for request in batch:
+        if request.request_id not in finished:
+            sink.failed(request.request_id, code, message)
