@@ -205,9 +205,24 @@ def generate_request(
     style_image: ImageInput | None = None,
     style_scale: float = 0.0,
 ) -> imagegen_pb2.GenerateRequest:
-    """A GenerateRequest: inpainting when ``init_image`` and ``mask_image`` are
-    given, image-to-image with ``init_image`` alone, else text-to-image; see
-    :meth:`ImagoClient.generate`."""
+    """A GenerateRequest: text-to-image; image-to-image when ``init_image``
+    (bytes, a path or a PIL image) is given, redrawing it by ``strength`` in
+    (0, 1] (0: the server's 0.8; the steps run are steps x strength, and the
+    output takes the init image's size unless ``width`` and ``height`` say
+    otherwise); inpainting with a ``mask_image`` as well, whose white pixels
+    are repainted (``strength`` 0 means 1).
+
+    0 and None take the server's defaults (native size, 30 steps, guidance
+    7.5, a random seed); an empty ``scheduler`` the model's own (else e.g.
+    "euler", "dpmpp_2m_karras"). ``preview_method`` is "latent_rgb" (cheap),
+    "taesd" (a tiny decoder, if the model has one) or "full" (the VAE);
+    previews show image 0 only unless ``preview_all_images``. ``loras`` maps
+    adapter names (loaded by the server) to weights. With an ``init_image``,
+    a ``style_image`` restyles it through the server's IP-Adapter at
+    ``style_scale`` in (0, 2] (0: 1). ``output_quality`` (1..100, 0: 95)
+    applies to JPEG and WebP; PNG results carry their generation parameters
+    unless ``omit_parameters``.
+    """
     request = imagegen_pb2.GenerateRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -344,58 +359,15 @@ class ImagoClient(_ClientBase):
         request = ask_request(image, question, generation, **settings)
         return self._vqa.Ask(request, timeout=self.timeout)
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str = "",
-        width: int = 0,
-        height: int = 0,
-        steps: int = 0,
-        guidance_scale: float | None = None,
-        seed: int | None = None,
-        num_images: int = 1,
-        output_format: str | int = "png",
-        preview_every: int = 0,
-        preview_format: str | int = "jpeg",
-        preview_max_size: int = 0,
-        preview_method: str | int = "latent_rgb",
-        preview_all_images: bool = False,
-        scheduler: str = "",
-        init_image: ImageInput | None = None,
-        strength: float = 0.0,
-        output_quality: int = 0,
-        omit_parameters: bool = False,
-        mask_image: ImageInput | None = None,
-        loras: dict[str, float] | None = None,
-        style_image: ImageInput | None = None,
-        style_scale: float = 0.0,
-    ) -> Iterator[imagegen_pb2.GenerateResponse]:
-        """Streams the events of one generation: text-to-image, or
-        image-to-image when ``init_image`` (bytes, a path or a PIL image) is
-        given, redrawing it by ``strength`` in (0, 1] (0: the server's 0.8;
-        the steps run are steps x strength, and the output takes the init
-        image's size unless ``width`` and ``height`` say otherwise). With a
-        ``mask_image`` as well it inpaints: white mask pixels are repainted
-        (``strength`` 0 means 1).
+    def generate(self, prompt: str, **options: Any) -> Iterator[imagegen_pb2.GenerateResponse]:
+        """Streams the events of one generation; ``options`` are the keywords
+        of :func:`generate_request`.
 
         Events come in order: queued (again when the position changes),
         started, progress for every step with a preview every
-        ``preview_every`` steps, and the result. 0 and None take the server's
-        defaults (native size, 30 steps, guidance 7.5, a random seed); an
-        empty ``scheduler`` the model's own (else e.g. "euler", "dpmpp_2m_karras").
-        ``preview_method`` is "latent_rgb" (cheap), "taesd" (a tiny decoder, if
-        the model has one) or "full" (the VAE); previews show image 0 only
-        unless ``preview_all_images``.
-        ``loras`` maps adapter names (loaded by the server) to weights.
-        With an ``init_image``, a ``style_image`` restyles it through the
-        server's IP-Adapter at ``style_scale`` in (0, 2] (0: 1).
-        ``output_quality`` (1..100, 0: 95) applies to JPEG and WebP; PNG results
-        carry their generation parameters unless ``omit_parameters``.
-        Stopping the iteration early cancels the generation on the server.
+        ``preview_every`` steps, and the result. Stopping the iteration early
+        cancels the generation on the server.
         """
-        options = dict(locals())
-        del options["self"], options["prompt"]
         return self._stream(generate_request(prompt, **options))
 
     def _stream(
@@ -477,7 +449,7 @@ class AsyncImagoClient(_ClientBase):
 
     def generate(self, prompt: str, **options: Any) -> AsyncIterator[imagegen_pb2.GenerateResponse]:
         """Async iterator (``async for``) over the events of one generation;
-        options (those of :meth:`ImagoClient.generate`) and events as there."""
+        options those of :func:`generate_request`, events as for :meth:`ImagoClient.generate`."""
         return self._stream(generate_request(prompt, **options))
 
     async def _stream(
