@@ -104,6 +104,11 @@ class WorkerHandle:
     idle_since: float = 0.0
 
     @property
+    def live(self) -> bool:
+        """Loaded and not dead: it holds its models and takes batches."""
+        return self.state in ("idle", "busy")
+
+    @property
     def identity(self) -> bytes:
         return self.worker_id.encode()
 
@@ -194,17 +199,12 @@ class WorkerPool:
 
     def model_info(self, model: str) -> ModelInfo | None:
         for worker in self._workers.values():
-            if worker.state in ("idle", "busy") and model in worker.models:
+            if worker.live and model in worker.models:
                 return worker.models[model]
         return None
 
     def live_models(self) -> set[str]:
-        return {
-            name
-            for worker in self._workers.values()
-            if worker.state in ("idle", "busy")
-            for name in worker.models
-        }
+        return {name for worker in self._workers.values() if worker.live for name in worker.models}
 
     def workers(self) -> list[WorkerHandle]:
         return list(self._workers.values())
@@ -219,9 +219,7 @@ class WorkerPool:
         return min(idle, key=lambda w: w.idle_since).worker_id
 
     def worker_count(self, model: str) -> int:
-        return sum(
-            1 for w in self._workers.values() if w.state in ("idle", "busy") and model in w.models
-        )
+        return sum(1 for w in self._workers.values() if w.live and model in w.models)
 
     def run(self, worker_id: str, batch_id: int, model: str, tickets: list[Ticket]) -> None:
         worker = self._workers[worker_id]
@@ -238,7 +236,7 @@ class WorkerPool:
         """Ask every live worker to rescan its adapter directories; each
         answers between batches, and the models it reports replace the old."""
         for worker in self._workers.values():
-            if worker.state in ("idle", "busy"):
+            if worker.live:
                 self._send(worker, ReloadAdapters())
 
     def cancel(self, ticket: Ticket) -> None:
@@ -278,7 +276,7 @@ class WorkerPool:
             self._on_change()
             self._scheduler.dispatch()
         elif isinstance(message, AdaptersReloaded):
-            if worker.state in ("idle", "busy"):
+            if worker.live:
                 worker.models = {info.name: info for info in message.models}
             if message.error:
                 log.error("%s could not reload adapters: %s", worker.worker_id, message.error)
