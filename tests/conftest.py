@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -115,3 +116,21 @@ def png_bytes(size: tuple[int, int] = (48, 40), color=(200, 30, 60), fmt: str = 
     buffer = io.BytesIO()
     image.save(buffer, fmt)
     return buffer.getvalue()
+
+
+def gradient(width: int = 96, height: int = 64) -> Image.Image:
+    """A smooth colour gradient, an init image that VAEs reproduce well."""
+    y, x = np.mgrid[0:height, 0:width]
+    return Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8))
+
+
+def png(image: Image.Image) -> bytes:
+    """``image`` encoded as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def pixels(data: bytes) -> np.ndarray:
+    """The RGB pixels of encoded image bytes, as int16 for differences."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)

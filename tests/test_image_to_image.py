@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import io
-
 import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import gradient, pixels, png
 from diffusers import StableDiffusionImg2ImgPipeline
-from PIL import Image
 
 from imago.client.api import ImagoClient
 from imago.workers import tiny
-
-
-def gradient(width: int = 96, height: int = 64) -> Image.Image:
-    y, x = np.mgrid[0:height, 0:width]
-    return Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8))
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
-
 import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import start_server
+from conftest import gradient, pixels, png, start_server
 from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 from PIL import Image
 
@@ -16,25 +14,10 @@ from imago.client.api import ImagoClient
 from imago.workers import tiny
 
 
-def gradient(width: int = 96, height: int = 64) -> Image.Image:
-    y, x = np.mgrid[0:height, 0:width]
-    return Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8))
-
-
 def square_mask(width: int = 96, height: int = 64) -> Image.Image:
     mask = Image.new("L", (width, height), 0)
     mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
     return mask
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")

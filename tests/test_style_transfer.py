@@ -8,18 +8,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import start_server
+from conftest import png, start_server
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from imago.client.api import ImagoClient
 from imago.workers import tiny
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def pixels(result) -> np.ndarray:
