@@ -20,10 +20,10 @@ import grpc
 from imago.server.config import Limits
 from imago.server.errors import RequestError, from_failure
 from imago.server.pool import WorkerPool
-from imago.server.scheduler import TERMINAL, Scheduler, Ticket
+from imago.server.scheduler import Scheduler, Ticket
 from imago.v1 import common_pb2
 from imago.workers.presets import ModelSpec, model_for_service
-from imago.workers.protocol import Failed, Job, ModelInfo, TextResult, WorkItem
+from imago.workers.protocol import Failed, Job, ModelInfo, Outcome, TextResult, WorkItem
 
 log = logging.getLogger("imago.dispatch")
 
@@ -81,24 +81,32 @@ class Dispatcher:
             while True:
                 message, frames = await ticket.events.get()
                 yield message, frames
-                if isinstance(message, TERMINAL):
+                if isinstance(message, Outcome):
                     return
         finally:
             if not ticket.finished:
                 self.scheduler.cancel(ticket)
 
-    async def text_result(self, ticket: Ticket) -> TextResult:
-        """Run a text job to its end; a failure raises RequestError."""
+    async def result(self, ticket: Ticket) -> tuple[Outcome, list[bytes]]:
+        """Run a ticket to its end and return its result with its frames; a
+        failure raises RequestError."""
         events = self.events(ticket)
         try:
-            async for message, _ in events:
+            async for message, frames in events:
                 if isinstance(message, Failed):
                     raise from_failure(message)
-                if isinstance(message, TextResult):
-                    return message
+                if isinstance(message, Outcome):
+                    return message, frames
         finally:
             await events.aclose()
         raise RequestError(grpc.StatusCode.INTERNAL, "request ended without a result")
+
+    async def text_result(self, ticket: Ticket) -> TextResult:
+        """Run a text job to its end; a failure raises RequestError."""
+        result, _ = await self.result(ticket)
+        if not isinstance(result, TextResult):
+            raise RequestError(grpc.StatusCode.INTERNAL, f"unexpected {type(result).__name__}")
+        return result
 
     def info(self, ticket: Ticket, inference_seconds: float) -> common_pb2.ResponseInfo:
         queued = (ticket.started_at or ticket.enqueued_at) - ticket.enqueued_at

@@ -33,14 +33,13 @@ from imago.workers.protocol import (
     BatchDone,
     Cancel,
     Failed,
-    ImageResult,
     LoadFailed,
     ModelInfo,
+    Outcome,
     Ready,
     ReloadAdapters,
     RunBatch,
     Shutdown,
-    TextResult,
     encode,
     from_worker_decoder,
 )
@@ -300,7 +299,7 @@ class WorkerPool:
             ticket = worker.running.get(message.request_id)
             if ticket is None:
                 return
-            if isinstance(message, TextResult | ImageResult | Failed):
+            if isinstance(message, Outcome):
                 del worker.running[message.request_id]
                 self._scheduler.left_worker(ticket)
             ticket.deliver(message, frames)

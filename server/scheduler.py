@@ -35,17 +35,7 @@ import grpc
 
 from imago.server.errors import RequestError
 from imago.workers.presets import BatchPolicy
-from imago.workers.protocol import (
-    Failed,
-    ImageResult,
-    TextResult,
-    WorkItem,
-    batch_key,
-    batch_weight,
-)
-
-# Messages after which a ticket gets no more events.
-TERMINAL = (TextResult, ImageResult, Failed)
+from imago.workers.protocol import Failed, Outcome, WorkItem, batch_key, batch_weight
 
 #: Seconds a model's peak load is remembered.
 RECENT_S = 1.0
@@ -85,7 +75,7 @@ class Ticket:
         """Hand an event to whoever waits on this ticket; nothing after the last one."""
         if self.finished:
             return
-        if isinstance(message, TERMINAL):
+        if isinstance(message, Outcome):
             self.finish()
         self.events.put_nowait((message, list(frames)))
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from imago.workers.presets import model_for_service, preset
-from imago.workers.protocol import GeneratedText, ImageMeta
+from imago.workers.protocol import ArrayMeta, GeneratedText, ImageMeta
 from imago.workers.runner import EventSink, Request, Runner, run_to_the_end
 
 
@@ -42,6 +42,8 @@ class DirectResult:
     batch_size: int = 1
     texts: list[str] = field(default_factory=list)
     images: list[bytes] = field(default_factory=list)
+    # Float32 arrays by name, as (shape, row-major little-endian bytes).
+    arrays: dict[str, tuple[tuple[int, ...], bytes]] = field(default_factory=dict)
     previews: int = 0
     steps: int = 0
 
@@ -105,6 +107,11 @@ class CollectingSink(EventSink):
         inference_seconds: float,
     ) -> None:
         self._finish(request_id).images = [data for _, data in images]
+
+    def arrays_result(
+        self, request_id: str, arrays: list[tuple[ArrayMeta, bytes]], inference_seconds: float
+    ) -> None:
+        self._finish(request_id).arrays = {meta.name: (meta.shape, data) for meta, data in arrays}
 
     def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
         result = self._finish(request_id)

@@ -25,6 +25,8 @@ import zmq
 from imago.workers.presets import ModelSpec
 from imago.workers.protocol import (
     AdaptersReloaded,
+    ArrayMeta,
+    ArraysResult,
     BatchDone,
     Cancel,
     Failed,
@@ -50,6 +52,7 @@ log = logging.getLogger("imago.worker")
 FAMILIES = {
     "blip2": "imago.workers.blip2:Blip2Runner",
     "stable-diffusion": "imago.workers.diffusion:StableDiffusionRunner",
+    "blip2-align": "imago.workers.alignment:Blip2AlignRunner",
 }
 
 # How often an idle worker checks that the frontend is still alive, in ms.
@@ -130,6 +133,13 @@ class WorkerChannel:
         self.send(
             ImageResult(request_id, metas, warnings, inference_seconds), [d for _, d in images]
         )
+
+    def arrays_result(
+        self, request_id: str, arrays: list[tuple[ArrayMeta, bytes]], inference_seconds: float
+    ) -> None:
+        self.finished.add(request_id)
+        metas = [meta for meta, _ in arrays]
+        self.send(ArraysResult(request_id, metas, inference_seconds), [d for _, d in arrays])
 
     def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
         self.finished.add(request_id)

@@ -95,7 +95,29 @@ class InpaintJob(ImageToImageJob, tag="inpaint", frozen=True):
     1 repaints the masked area from pure noise."""
 
 
-Job = CaptionJob | VqaJob | TextToImageJob | ImageToImageJob | InpaintJob
+class EmbedImagesJob(msgspec.Struct, tag="embed_images", frozen=True):
+    """Embed the request's ``images`` image frames."""
+
+    images: int
+
+
+class EmbedTextsJob(msgspec.Struct, tag="embed_texts", frozen=True):
+    """Embed each of ``texts``."""
+
+    texts: tuple[str, ...]
+
+
+class MatchJob(msgspec.Struct, tag="match", frozen=True):
+    """Score each of the ``images`` image frames against each of ``texts``;
+    with ``image_text_matching``, also run the ITM head on every pair."""
+
+    images: int
+    texts: tuple[str, ...]
+    image_text_matching: bool = False
+
+
+AlignJob = EmbedImagesJob | EmbedTextsJob | MatchJob
+Job = CaptionJob | VqaJob | TextToImageJob | ImageToImageJob | InpaintJob | AlignJob
 
 
 def batch_key(job: Job) -> tuple | None:
@@ -110,6 +132,9 @@ def batch_key(job: Job) -> tuple | None:
     the denoising schedule (scheduler included) agree; prompts, seeds, image counts and output or
     preview formats may differ.
     """
+    if isinstance(job, AlignJob):
+        # Alignment runs each model part once over all of a batch's inputs.
+        return ("align",)
     if isinstance(job, CaptionJob | VqaJob):
         if job.settings.do_sample:
             return None
@@ -142,9 +167,15 @@ def batch_key(job: Job) -> tuple | None:
 
 def batch_weight(job: Job) -> int:
     """How much of a batch's ``max_batch_size`` a job takes: its images for
-    image jobs, 1 otherwise."""
+    image jobs, its images and texts for alignment jobs, 1 otherwise."""
     if isinstance(job, TextToImageJob):
         return job.num_images
+    if isinstance(job, EmbedImagesJob):
+        return job.images
+    if isinstance(job, EmbedTextsJob):
+        return len(job.texts)
+    if isinstance(job, MatchJob):
+        return job.images + len(job.texts)
     return 1
 
 
@@ -202,6 +233,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     adapters: list[str] = []
     # Whether an IP-Adapter is loaded, so image-to-image takes a style image.
     style_images: bool = False
+    # Whether an alignment model has an image-text matching (ITM) head.
+    image_text_matching: bool = False
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True):
@@ -277,6 +310,23 @@ class ImageResult(msgspec.Struct, tag="image_result", frozen=True):
     inference_seconds: float
 
 
+class ArrayMeta(msgspec.Struct, frozen=True):
+    """Name and shape of a float32 array whose bytes (row-major, little-endian)
+    travel as one frame."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+class ArraysResult(msgspec.Struct, tag="arrays_result", frozen=True):
+    """Numeric results (embeddings, score matrices); one frame per entry of
+    ``arrays`` follows."""
+
+    request_id: str
+    arrays: list[ArrayMeta]
+    inference_seconds: float
+
+
 class Failed(msgspec.Struct, tag="failed", frozen=True):
     """A request ended without a result. ``code`` is a grpc.StatusCode name."""
 
@@ -294,7 +344,9 @@ class BatchDone(msgspec.Struct, tag="batch_done", frozen=True):
 
 
 FromWorker = Ready | AdaptersReloaded | LoadFailed | Started | Progress | Preview
-FromWorker = FromWorker | TextResult | ImageResult | Failed | BatchDone
+FromWorker = FromWorker | TextResult | ImageResult | ArraysResult | Failed | BatchDone
+#: Messages that end a request.
+Outcome = TextResult | ImageResult | ArraysResult | Failed
 
 _encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

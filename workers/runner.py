@@ -3,7 +3,7 @@
 A runner is loaded once per worker and then runs batches. It decodes its
 inputs, predicts, and encodes its outputs through an :class:`EventSink`; it
 never touches sockets. Adding a model family means adding one runner module
-and naming it in :data:`imago.workers.presets.FAMILIES`.
+and naming it in :data:`imago.workers.main.FAMILIES`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from imago.workers.protocol import GeneratedText, ImageMeta, Job, ModelInfo
+from imago.workers.protocol import ArrayMeta, GeneratedText, ImageMeta, Job, ModelInfo
 
 log = logging.getLogger("imago.worker")
 
@@ -68,6 +68,12 @@ class EventSink(Protocol):
         inference_seconds: float,
     ) -> None: ...
 
+    def arrays_result(
+        self, request_id: str, arrays: list[tuple[ArrayMeta, bytes]], inference_seconds: float
+    ) -> None:
+        """End a request with float32 arrays, each with its row-major
+        little-endian bytes."""
+
     def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
         """End a request with a gRPC status (``code`` is a StatusCode name);
         ``field`` names the request field at fault, when one is."""
@@ -102,10 +108,11 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def run(self, batch: list[Request], sink: EventSink) -> None:
         """Run every request of ``batch`` and report each one's outcome on
-        ``sink``: exactly one of ``text_result``, ``image_result`` or
-        ``failed`` per request. The frontend batches requests whose
-        :func:`~imago.workers.protocol.batch_key` agrees; a runner still
-        checks, and runs requests that cannot share a call separately."""
+        ``sink``: exactly one of ``text_result``, ``image_result``,
+        ``arrays_result`` or ``failed`` per request. The frontend batches
+        requests whose :func:`~imago.workers.protocol.batch_key` agrees; a
+        runner still checks, and runs requests that cannot share a call
+        separately."""
 
 
 def failure_of(exc: Exception) -> tuple[str, str]:
