@@ -8,6 +8,7 @@ from conftest import png_bytes, start_server
 from imago.client import ImagoClient
 from imago.workers.presets import (
     BLIP2,
+    BLIP2_ALIGN,
     FAMILY_BATCHING,
     STABLE_DIFFUSION,
     BatchPolicy,
@@ -25,9 +26,10 @@ def test_an_override_replaces_the_presets_model_of_its_family():
 
 
 def test_models_batch_by_their_familys_policy_unless_told_otherwise():
-    blip2, sd = with_batching(preset("tiny"), ("8", "sd-tiny=2"), ("blip2-tiny=0",))
+    blip2, sd, align = with_batching(preset("tiny"), ("8", "sd-tiny=2"), ("blip2-tiny=0",))
     assert blip2.batch_policy == BatchPolicy(max_batch_size=8, max_batch_delay_ms=0.0)
     assert sd.batch_policy == BatchPolicy(2, FAMILY_BATCHING[STABLE_DIFFUSION].max_batch_delay_ms)
+    assert align.batch_policy == BatchPolicy(8, FAMILY_BATCHING[BLIP2_ALIGN].max_batch_delay_ms)
     assert preset("tiny")[0].batch_policy == FAMILY_BATCHING[BLIP2]
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 
 BLIP2 = "blip2"
 STABLE_DIFFUSION = "stable-diffusion"
+#: BLIP-2 retrieval models (Blip2ForImageTextRetrieval): embeddings, ITC, ITM.
+BLIP2_ALIGN = "blip2-align"
 #: Roles among a Stable Diffusion model's extras: a dedicated inpainting
 #: checkpoint, and a tiny autoencoder (TAESD) for previews.
 INPAINT = "inpaint"
@@ -26,6 +28,7 @@ IP_ADAPTER = "ip_adapter"
 FAMILY_SERVICES: dict[str, tuple[str, ...]] = {
     BLIP2: ("imago.v1.CaptionService", "imago.v1.VqaService"),
     STABLE_DIFFUSION: ("imago.v1.ImageGenService",),
+    BLIP2_ALIGN: ("imago.v1.AlignService",),
 }
 
 
@@ -47,6 +50,8 @@ class BatchPolicy:
 FAMILY_BATCHING: dict[str, BatchPolicy] = {
     BLIP2: BatchPolicy(max_batch_size=32, max_batch_delay_ms=20.0),
     STABLE_DIFFUSION: BatchPolicy(max_batch_size=4, max_batch_delay_ms=20.0),
+    # Counted in images and texts: one vision pass of 64 images at most.
+    BLIP2_ALIGN: BatchPolicy(max_batch_size=64, max_batch_delay_ms=20.0),
 }
 
 
@@ -78,6 +83,7 @@ PRESETS: dict[str, tuple[ModelSpec, ...]] = {
             "tiny:stable-diffusion",
             extras=((INPAINT, "tiny:stable-diffusion-inpaint"), (TAESD, "tiny:taesd")),
         ),
+        ModelSpec("blip2-itm-tiny", BLIP2_ALIGN, "tiny:blip2-itm"),
     ),
     "default": (
         ModelSpec("blip2-opt-2.7b-coco", BLIP2, "Salesforce/blip2-opt-2.7b-coco"),
@@ -90,6 +96,7 @@ PRESETS: dict[str, tuple[ModelSpec, ...]] = {
                 (TAESD, "madebyollin/taesd"),
             ),
         ),
+        ModelSpec("blip2-itm-vit-g", BLIP2_ALIGN, "Salesforce/blip2-itm-vit-g"),
     ),
 }
 

@@ -20,11 +20,13 @@ TINY_VERSION = "1"
 
 
 def _builders() -> dict[str, Callable[[Path], None]]:
-    from imago.workers import tiny_blip2, tiny_sd
+    from imago.workers import tiny_align, tiny_blip2, tiny_sd
 
     return {
         "blip2": tiny_blip2.build,
         "blip2-legacy": tiny_blip2.build_legacy,
+        "blip2-itm": tiny_align.build,
+        "blip2-itc": tiny_align.build_without_itm,
         "stable-diffusion": tiny_sd.build,
         "stable-diffusion-inpaint": tiny_sd.build_inpaint,
         "taesd": tiny_sd.build_taesd,

@@ -36,7 +36,7 @@ SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
 # Random weights spread this wide make the output depend on image and prompt.
 INIT_STD = 0.2
 
-_CORPUS = """\
+CORPUS = """\
 a photo of a dog running on the grass
 a cat sleeping on a red couch
 two cats laying on a couch with remote controls
@@ -87,7 +87,7 @@ def _tokenizer() -> GPT2Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer)
+    bpe.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
     return GPT2Tokenizer(
@@ -101,7 +101,8 @@ def _tokenizer() -> GPT2Tokenizer:
     )
 
 
-def _image_processor() -> BlipImageProcessor:
+def image_processor() -> BlipImageProcessor:
+    """BLIP image preprocessing at the tiny size, with CLIP statistics."""
     return BlipImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=OPENAI_CLIP_MEAN,
@@ -196,7 +197,7 @@ def build(path: Path) -> None:
     path = Path(path)
     tokenizer = _tokenizer()
     # The processor adds <image> to the tokenizer as a special token.
-    processor = Blip2Processor(_image_processor(), tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
+    processor = Blip2Processor(image_processor(), tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
     model = _model(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -219,6 +220,6 @@ def build_legacy(path: Path) -> None:
     config.pop("image_token_index", None)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(path)
-    image_processor = _image_processor()
-    image_processor.processor_class = "Blip2Processor"
-    image_processor.save_pretrained(path)
+    images = image_processor()
+    images.processor_class = "Blip2Processor"
+    images.save_pretrained(path)
