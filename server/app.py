@@ -16,11 +16,12 @@ from imago.server.pool import StartupError, WorkerPool, detect_devices
 from imago.server.scheduler import Scheduler
 from imago.server.servicers import (
     SERVICES,
+    AlignServicer,
     CaptionServicer,
     ImageGenServicer,
     VqaServicer,
 )
-from imago.v1 import caption_pb2_grpc, imagegen_pb2_grpc, vqa_pb2_grpc
+from imago.v1 import align_pb2_grpc, caption_pb2_grpc, imagegen_pb2_grpc, vqa_pb2_grpc
 from imago.workers.presets import model_for_service
 
 log = logging.getLogger("imago")
@@ -91,6 +92,7 @@ def build_server(config: ServeConfig) -> tuple[grpc.aio.Server, WorkerPool, Heal
     caption_pb2_grpc.add_CaptionServiceServicer_to_server(CaptionServicer(dispatcher), server)
     vqa_pb2_grpc.add_VqaServiceServicer_to_server(VqaServicer(dispatcher), server)
     imagegen_pb2_grpc.add_ImageGenServiceServicer_to_server(ImageGenServicer(dispatcher), server)
+    align_pb2_grpc.add_AlignServiceServicer_to_server(AlignServicer(dispatcher), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_status.servicer, server)
     names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
     reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)

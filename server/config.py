@@ -27,6 +27,11 @@ class Limits:
     max_image_side: int = 2048
     max_steps: int = 150
     max_images_per_request: int = 8
+    # Images and texts in one alignment request, and image-text pairs one
+    # Match may run the ITM head on.
+    max_align_images: int = 32
+    max_align_texts: int = 256
+    max_match_pairs: int = 1024
     # Requests waiting per model before new ones are turned away.
     max_queue_size: int = 256
     # Items of one bulk stream in flight at once; past it the stream is not read.

@@ -5,13 +5,23 @@ from __future__ import annotations
 import functools
 
 import grpc
+import numpy as np
 
 from imago.server.dispatch import Dispatcher, bulk, deadline_of
 from imago.server.errors import RequestError, abort, from_failure
 from imago.server.images import check_image
 from imago.server.scheduler import QueuePosition
-from imago.server.validation import caption_job, generate_job, vqa_job
+from imago.server.validation import (
+    caption_job,
+    embed_images_job,
+    embed_texts_job,
+    generate_job,
+    match_job,
+    vqa_job,
+)
 from imago.v1 import (
+    align_pb2,
+    align_pb2_grpc,
     caption_pb2,
     caption_pb2_grpc,
     common_pb2,
@@ -25,7 +35,8 @@ from imago.workers import protocol
 CAPTION = "imago.v1.CaptionService"
 VQA = "imago.v1.VqaService"
 IMAGEGEN = "imago.v1.ImageGenService"
-SERVICES = (CAPTION, VQA, IMAGEGEN)
+ALIGN = "imago.v1.AlignService"
+SERVICES = (CAPTION, VQA, IMAGEGEN, ALIGN)
 
 
 def _texts(result: protocol.TextResult) -> list[caption_pb2.GeneratedText]:
@@ -169,3 +180,74 @@ class ImageGenServicer(imagegen_pb2_grpc.ImageGenServiceServicer):
             )
             return {"result": result}
         raise RequestError(grpc.StatusCode.INTERNAL, f"unexpected event {type(message).__name__}")
+
+
+def _arrays(result: protocol.ArraysResult, frames: list[bytes]) -> dict[str, np.ndarray]:
+    """The result's float32 arrays by name."""
+    return {
+        meta.name: np.frombuffer(data, dtype="<f4").reshape(meta.shape)
+        for meta, data in zip(result.arrays, frames, strict=True)
+    }
+
+
+def _embeddings(rows: np.ndarray) -> list[align_pb2.Embedding]:
+    return [align_pb2.Embedding(values=row) for row in rows.tolist()]
+
+
+def _matrix(values: np.ndarray) -> align_pb2.Matrix:
+    rows, columns = values.shape
+    return align_pb2.Matrix(rows=rows, columns=columns, values=values.ravel().tolist())
+
+
+class AlignServicer(align_pb2_grpc.AlignServiceServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._d = dispatcher
+
+    async def _run(self, job: protocol.AlignJob, images: list[bytes], context):
+        """Queue ``job`` on the alignment model; its arrays and ResponseInfo."""
+        model = self._d.model(ALIGN)
+        ticket = self._d.ticket(model.name, job, images, deadline_of(context))
+        result, frames = await self._d.result(ticket)
+        if not isinstance(result, protocol.ArraysResult):
+            raise RequestError(grpc.StatusCode.INTERNAL, f"unexpected {type(result).__name__}")
+        return _arrays(result, frames), self._d.info(ticket, result.inference_seconds)
+
+    async def EmbedImages(self, request, context):
+        try:
+            job, images = embed_images_job(request, self._d.limits)
+            arrays, info = await self._run(job, images, context)
+        except RequestError as error:
+            await abort(context, error)
+            return
+        embeddings = arrays["image_embeddings"]
+        return align_pb2.EmbedImagesResponse(
+            embeddings=[align_pb2.ImageEmbedding(queries=_embeddings(e)) for e in embeddings],
+            dimensions=embeddings.shape[-1],
+            info=info,
+        )
+
+    async def EmbedTexts(self, request, context):
+        try:
+            job = embed_texts_job(request, self._d.limits)
+            arrays, info = await self._run(job, [], context)
+        except RequestError as error:
+            await abort(context, error)
+            return
+        embeddings = arrays["text_embeddings"]
+        return align_pb2.EmbedTextsResponse(
+            embeddings=_embeddings(embeddings), dimensions=embeddings.shape[-1], info=info
+        )
+
+    async def Match(self, request, context):
+        try:
+            job, images = match_job(request, self._d.model(ALIGN), self._d.limits)
+            arrays, info = await self._run(job, images, context)
+        except RequestError as error:
+            await abort(context, error)
+            return
+        probabilities = arrays.get("match_probabilities")
+        return align_pb2.MatchResponse(
+            similarities=_matrix(arrays["similarities"]),
+            match_probabilities=None if probabilities is None else _matrix(probabilities),
+            info=info,
+        )

@@ -15,12 +15,15 @@ import grpc
 from imago.server.config import Limits
 from imago.server.errors import RequestError, invalid
 from imago.server.images import check_image, image_size, output_format
-from imago.v1 import caption_pb2, common_pb2, imagegen_pb2, vqa_pb2
+from imago.v1 import align_pb2, caption_pb2, common_pb2, imagegen_pb2, vqa_pb2
 from imago.workers.adapters import check_name as check_adapter_name
 from imago.workers.protocol import (
     CaptionJob,
+    EmbedImagesJob,
+    EmbedTextsJob,
     ImageToImageJob,
     InpaintJob,
+    MatchJob,
     ModelInfo,
     TextSettings,
     TextToImageJob,
@@ -150,6 +153,62 @@ def caption_job(request: caption_pb2.CaptionRequest, limits: Limits) -> CaptionJ
 def vqa_job(request: vqa_pb2.AskRequest, limits: Limits) -> VqaJob:
     question = _text("question", request.question, limits, required=True)
     return VqaJob(question=question.strip(), settings=text_settings(request.generation, limits))
+
+
+def _align_images(images, limits: Limits) -> list[bytes]:
+    """The header-checked bytes of 1..max_align_images images."""
+    if not images:
+        raise invalid("images", "at least one image is required")
+    if len(images) > limits.max_align_images:
+        message = f"has {len(images)} images; at most {limits.max_align_images} per request"
+        raise invalid("images", message)
+    return [check_image(image, f"images[{i}]", limits) for i, image in enumerate(images)]
+
+
+def _align_texts(texts, limits: Limits) -> tuple[str, ...]:
+    """1..max_align_texts non-empty texts, stripped."""
+    if not texts:
+        raise invalid("texts", "at least one text is required")
+    if len(texts) > limits.max_align_texts:
+        message = f"has {len(texts)} texts; at most {limits.max_align_texts} per request"
+        raise invalid("texts", message)
+    return tuple(
+        _text(f"texts[{i}]", text, limits, required=True).strip() for i, text in enumerate(texts)
+    )
+
+
+def embed_images_job(
+    request: align_pb2.EmbedImagesRequest, limits: Limits
+) -> tuple[EmbedImagesJob, list[bytes]]:
+    images = _align_images(request.images, limits)
+    return EmbedImagesJob(images=len(images)), images
+
+
+def embed_texts_job(request: align_pb2.EmbedTextsRequest, limits: Limits) -> EmbedTextsJob:
+    return EmbedTextsJob(texts=_align_texts(request.texts, limits))
+
+
+def match_job(
+    request: align_pb2.MatchRequest, model: ModelInfo, limits: Limits
+) -> tuple[MatchJob, list[bytes]]:
+    images = _align_images(request.images, limits)
+    texts = _align_texts(request.texts, limits)
+    if request.image_text_matching:
+        if not model.image_text_matching:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {model.name} has no image-text matching head; ask for similarities only",
+                "image_text_matching",
+            )
+        pairs = len(images) * len(texts)
+        if pairs > limits.max_match_pairs:
+            raise invalid(
+                "image_text_matching",
+                f"{len(images)} images x {len(texts)} texts make {pairs} pairs; "
+                f"at most {limits.max_match_pairs} per request",
+            )
+    job = MatchJob(images=len(images), texts=texts, image_text_matching=request.image_text_matching)
+    return job, images
 
 
 def _size(field: str, value: int, default: int, limits: Limits) -> int:

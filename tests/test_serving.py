@@ -22,7 +22,12 @@ from imago.v1 import (
     vqa_pb2_grpc,
 )
 
-SERVICES = ("imago.v1.CaptionService", "imago.v1.VqaService", "imago.v1.ImageGenService")
+SERVICES = (
+    "imago.v1.CaptionService",
+    "imago.v1.VqaService",
+    "imago.v1.ImageGenService",
+    "imago.v1.AlignService",
+)
 
 
 def image(data: bytes | None = None) -> common_pb2.Image:
