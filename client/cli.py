@@ -1,4 +1,5 @@
-"""The ``imago`` command line: run a server, caption, ask, generate, check health.
+"""The ``imago`` command line: run a server, caption, ask, generate, rank images,
+check health.
 
 Exit codes: 0 success; 1 a gRPC error (printed as ``error: CODE: details``) or a
 health status other than SERVING; 2 bad usage or an unreadable/unwritable
@@ -23,6 +24,7 @@ from imago.client.bench import add_bench_parser
 from imago.client.bulk import BulkReport, ask_to_file, caption_to_file, image_paths
 from imago.client.generating import add_generate_parser
 from imago.client.localfiles import InputError, local, read
+from imago.client.ranking import add_rank_parser
 from imago.client.serving import add_serve_parser
 
 _CAPTION_DOC = """Caption images, printing one line per image. With --out FILE, caption
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_health)
 
+    add_rank_parser(sub)
     add_bench_parser(sub)
     return parser
 
