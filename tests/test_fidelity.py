@@ -32,7 +32,8 @@ def blip2(model_cache):
     return processor, Blip2ForConditionalGeneration.from_pretrained(path).eval()
 
 
-def direct_texts(blip2, prompt: str, seed: int | None = None, **settings) -> list[str]:
+def direct_continuations(blip2, prompt: str, seed: int | None = None, **settings) -> list[str]:
+    """What ``generate`` adds after ``prompt``, decoded as it is."""
     processor, model = blip2
     image = Image.open(io.BytesIO(IMAGE)).convert("RGB")
     inputs = processor(images=image, text=prompt, return_tensors="pt")
@@ -41,9 +42,11 @@ def direct_texts(blip2, prompt: str, seed: int | None = None, **settings) -> lis
     with torch.inference_mode():
         output = model.generate(**inputs, **settings)
     continuation = output[:, inputs["input_ids"].shape[1] :]
-    return [
-        t.strip() for t in processor.tokenizer.batch_decode(continuation, skip_special_tokens=True)
-    ]
+    return processor.tokenizer.batch_decode(continuation, skip_special_tokens=True)
+
+
+def direct_texts(blip2, prompt: str, seed: int | None = None, **settings) -> list[str]:
+    return [t.strip() for t in direct_continuations(blip2, prompt, seed, **settings)]
 
 
 @pytest.mark.parametrize(
@@ -60,10 +63,45 @@ def test_served_caption_equals_direct_generate(client, blip2, settings):
     assert served == direct_texts(blip2, "", **settings)
 
 
-def test_served_sampled_caption_equals_direct_generate_with_the_same_seed(client, blip2):
-    settings = {"max_new_tokens": 10, "do_sample": True, "top_k": 0, "temperature": 1.3}
-    served = client.caption(IMAGE, seed=2024, **settings).captions[0].text
-    assert [served] == direct_texts(blip2, "", seed=2024, **settings)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"max_new_tokens": 10, "do_sample": True, "top_k": 0, "temperature": 1.3},
+        {
+            "max_new_tokens": 10,
+            "do_sample": True,
+            "top_p": 0.8,
+            "top_k": 20,
+            "temperature": 0.9,
+            "num_return_sequences": 3,
+        },
+    ],
+    ids=["temperature", "nucleus-several"],
+)
+def test_served_sampled_caption_equals_direct_generate_with_the_same_seed(client, blip2, settings):
+    served = [c.text for c in client.caption(IMAGE, seed=2024, **settings).captions]
+    assert served == direct_texts(blip2, "", seed=2024, **settings)
+
+
+def test_served_beam_scores_equal_direct_sequence_scores(client, blip2):
+    settings = {"max_new_tokens": 10, "num_beams": 4, "length_penalty": -1.5}
+    served = client.caption(IMAGE, num_return_sequences=3, **settings).captions
+    processor, model = blip2
+    inputs = processor(images=Image.open(io.BytesIO(IMAGE)).convert("RGB"), return_tensors="pt")
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs, **settings, num_return_sequences=3, return_dict_in_generate=True,
+            output_scores=True,
+        )  # fmt: skip
+    assert [c.text for c in served] == direct_texts(blip2, "", num_return_sequences=3, **settings)
+    np.testing.assert_allclose([c.score for c in served], output.sequences_scores, atol=1e-5)
+
+
+def test_served_prefixed_caption_continues_the_prefix_as_direct_generate_does(client, blip2):
+    served = client.caption(IMAGE, prefix="a photo of", max_new_tokens=8).captions[0].text
+    continuation = direct_continuations(blip2, "a photo of", max_new_tokens=8)[0]
+    assert continuation.strip()
+    assert served == ("a photo of" + continuation).strip()
 
 
 def test_served_answer_equals_direct_generate_on_the_vqa_prompt(client, blip2):
