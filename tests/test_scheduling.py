@@ -27,11 +27,12 @@ COLOURS = [(200, 30, 60), (20, 40, 220), (240, 240, 20), (10, 10, 10), (30, 200,
 QUESTION = "what colour is it?"
 
 
-def hold_worker(target: str) -> Callable[[], None]:
-    """Start a long generation and return once it runs; the returned function
-    cancels it, which frees the worker within one denoising step."""
+def hold_worker(target: str, size: int = 256) -> Callable[[], None]:
+    """Start a long generation (150 steps of ``size`` pixels square) and return
+    once it runs; the returned function cancels it, which frees the worker
+    within one denoising step."""
     client = ImagoClient(target, timeout=300)
-    stream = client.generate("hold the worker", steps=150, width=256, height=256)
+    stream = client.generate("hold the worker", steps=150, width=size, height=size)
     for event in stream:
         if event.HasField("started"):
             break
@@ -97,6 +98,62 @@ def test_items_of_a_bulk_stream_are_batched_together(server):
     release()
     sizes = {reply.id: reply.response.info.batch_size for reply in replies}
     assert sizes == {str(i): len(COLOURS) for i in range(len(COLOURS))}
+
+
+def noisy_png(seed: int) -> bytes:
+    """A ~30 KB PNG: noise does not compress, so few fit in transport buffers."""
+    noise = np.random.default_rng(seed).integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    return png_bytes_of(noise)
+
+
+def png_bytes_of(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def caption_items(count: int, pulled: list[int]):
+    """``count`` stream items, noting in ``pulled`` each one gRPC takes."""
+    images = [noisy_png(seed) for seed in range(8)]
+    settings = common_pb2.GenerationSettings(max_new_tokens=3)
+    for i in range(count):
+        pulled.append(i)
+        request = caption_pb2.CaptionRequest(
+            image=common_pb2.Image(data=images[i % 8]), generation=settings
+        )
+        yield caption_pb2.CaptionStreamRequest(id=str(i), request=request)
+
+
+def test_a_bulk_stream_stops_being_read_while_its_window_is_full(server):
+    stub = caption_pb2_grpc.CaptionServiceStub(server.channel())
+    # Held for far longer than the test waits (the tiny model's 512-pixel steps).
+    release = hold_worker(server.target, size=512)
+    pulled: list[int] = []
+    try:
+        replies = stub.CaptionStream(caption_items(3000, pulled), timeout=300)
+        time.sleep(2.0)
+        early = len(pulled)
+        time.sleep(1.5)
+        late = len(pulled)
+    finally:
+        release()
+    # Nothing finishes while the worker is held, so the server takes its
+    # window of 64 items and HTTP/2 flow control then holds the client back
+    # (the transport buffers a few MB in between). A server reading without
+    # bound would have taken all 3,000.
+    assert late == early
+    assert 64 <= late < 3000
+    ids = {reply.id for reply in replies if reply.HasField("response")}
+    assert ids == {str(i) for i in range(3000)}
+
+
+def test_a_long_bulk_stream_keeps_the_worker_busy_with_full_batches(server):
+    stub = caption_pb2_grpc.CaptionServiceStub(server.channel())
+    replies = list(stub.CaptionStream(caption_items(1000, []), timeout=300))
+    sizes = [reply.response.info.batch_size for reply in replies]
+    assert len(sizes) == 1000 and min(sizes) >= 1
+    # Items are answered one by one only if the stream is not pipelined.
+    assert sum(sizes) / len(sizes) >= 16
 
 
 def test_compatible_generations_share_a_batch_and_keep_their_own_streams(server):
