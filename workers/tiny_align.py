@@ -18,10 +18,9 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import BertTokenizerFast, Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor
 
-from imago.workers.tiny_blip2 import CORPUS, image_processor
+from imago.workers.tiny_blip2 import CORPUS, QFORMER_CONFIG, VISION_CONFIG, image_processor
 
 SEED = 4321
-IMAGE_SIZE = 32
 NUM_QUERY_TOKENS = 4
 # Q-Former text positions: the longest text in tokens, [CLS] and [SEP] included.
 MAX_POSITIONS = 32
@@ -70,21 +69,9 @@ def _model(processor: Blip2Processor) -> Blip2ForImageTextRetrieval:
     """
     tokenizer = processor.tokenizer
     config = Blip2Config(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 8,
-            "initializer_range": INIT_STD,
-        },
+        vision_config=VISION_CONFIG,
         qformer_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "encoder_hidden_size": 32,
+            **QFORMER_CONFIG,
             "max_position_embeddings": MAX_POSITIONS,
             # Every id the tokenizer can produce (<image> included) has a row.
             "vocab_size": len(tokenizer),
@@ -92,7 +79,6 @@ def _model(processor: Blip2Processor) -> Blip2ForImageTextRetrieval:
             # Retrieval runs text through the Q-Former, so it needs the text
             # feed-forward layers that captioning checkpoints leave out.
             "use_qformer_text_input": True,
-            "initializer_range": INIT_STD,
         },
         # Never built by the retrieval model; small so the config stays small.
         text_config={

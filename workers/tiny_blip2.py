@@ -35,6 +35,24 @@ IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
 # Random weights spread this wide make the output depend on image and prompt.
 INIT_STD = 0.2
+#: The vision tower and Q-Former of the tiny BLIP-2 models.
+VISION_CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": IMAGE_SIZE,
+    "patch_size": 8,
+    "initializer_range": INIT_STD,
+}
+QFORMER_CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "encoder_hidden_size": 32,
+    "initializer_range": INIT_STD,
+}
 
 CORPUS = """\
 a photo of a dog running on the grass
@@ -121,23 +139,8 @@ def _model(
     # hold its 50265 tokens.
     vocab_size = (base // 8 + 1) * 8
     config = Blip2Config(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 8,
-            "initializer_range": INIT_STD,
-        },
-        qformer_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "encoder_hidden_size": 32,
-            "initializer_range": INIT_STD,
-        },
+        vision_config=VISION_CONFIG,
+        qformer_config=QFORMER_CONFIG,
         text_config={
             "model_type": "opt",
             "hidden_size": 32,
