@@ -68,8 +68,46 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-queue", type=positive, metavar="N", help="waiting requests per model (default: 256)"
     )
+    p.add_argument(
+        "--metrics-port", type=port, metavar="PORT", help="serve Prometheus /metrics on PORT"
+    )
+    p.add_argument(
+        "--drain-grace-s",
+        type=float,
+        metavar="SECONDS",
+        help="after SIGTERM, how long in-flight requests may take to finish (default: 30)",
+    )
+    p.add_argument(
+        "--watchdog-s",
+        action="append",
+        default=[],
+        metavar="[MODEL=]SECONDS",
+        help="restart a busy worker that reports nothing for this long on MODEL (on every "
+        "model without MODEL=); repeatable (default: 300)",
+    )
+    tls = p.add_argument_group("security")
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
+    tls.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
+    tls.add_argument(
+        "--auth-token-file",
+        type=Path,
+        metavar="FILE",
+        help="require 'authorization: Bearer TOKEN' with the token this file holds",
+    )
+    tls.add_argument(
+        "--auth-health",
+        action="store_true",
+        help="require the token for health checks and reflection too",
+    )
     levels = ["debug", "info", "warning", "error"]
     p.add_argument("--log-level", default="info", choices=levels, help="(default: info)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="(default: text)")
     p.set_defaults(func=run_serve)
     return p
 
@@ -78,7 +116,10 @@ def serve_config(args: argparse.Namespace) -> Any:
     """The ``ServeConfig`` of ``imago serve`` arguments; unset ones keep its defaults."""
     from imago.server.config import Limits, ServeConfig
 
-    keys = ("preset", "host", "port", "workers", "cache_dir")
+    keys = (
+        "preset", "host", "port", "workers", "cache_dir", "metrics_port", "drain_grace_s",
+        "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
+    )  # fmt: skip
     kwargs = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     limits = {"max_message_bytes": args.max_message_mb * MiB}
     if args.max_queue is not None:
@@ -90,6 +131,9 @@ def serve_config(args: argparse.Namespace) -> Any:
         max_batch_delays_ms=tuple(args.max_batch_delay_ms),
         cpu_only=args.cpu,
         limits=Limits(**limits),
+        watchdog_s=tuple(args.watchdog_s),
+        auth_health=args.auth_health,
+        log_format=args.log_format,
     )
 
 

@@ -59,6 +59,26 @@ class ServeConfig:
     # Seconds a worker may take to load its models before start-up fails.
     load_timeout_s: float = 600.0
     limits: Limits = field(default_factory=Limits)
+    # Port of the Prometheus /metrics endpoint (on ``host``); None: none.
+    metrics_port: int | None = None
+    # Log lines as "text" or as one JSON object per line ("json").
+    log_format: str = "text"
+    # Seconds in-flight requests get to finish after SIGTERM before they are cancelled.
+    drain_grace_s: float = 30.0
+    # "[MODEL=]SECONDS" entries: a busy worker that reports nothing for this
+    # long on MODEL's batch (on every model's, without MODEL=) is killed and
+    # restarted. Later entries win.
+    watchdog_s: tuple[str, ...] = ()
+    # TLS: the server's certificate chain and private key (PEM files). With
+    # ``tls_client_ca`` clients must present a certificate it signed (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # A file holding the bearer token every call must carry; None: no token.
+    auth_token_file: Path | None = None
+    # Whether health checks and reflection need the token too (off by default,
+    # so that probes and grpcurl's listing work without it).
+    auth_health: bool = False
 
     def models(self) -> tuple[ModelSpec, ...]:
         """The models to serve with their batching; ValueError for an unknown
