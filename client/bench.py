@@ -228,7 +228,7 @@ def format_report(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ command
 
 
-def _number(kind: Callable[[str], Any], least: float) -> Callable[[str], Any]:
+def number_arg(kind: Callable[[str], Any], least: float) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -241,7 +241,7 @@ def _number(kind: Callable[[str], Any], least: float) -> Callable[[str], Any]:
     return parse
 
 
-def _mix(text: str) -> dict[str, int]:
+def mix_arg(text: str) -> dict[str, int]:
     try:
         return loadgen.parse_mix(text)
     except ValueError as err:
@@ -253,7 +253,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="drive load at a server and print figures",
                        description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    count, at_least_1, seconds = _number(int, 0), _number(int, 1), _number(float, 0.001)
+    count, at_least_1, seconds = number_arg(int, 0), number_arg(int, 1), number_arg(float, 0.001)
     add = p.add_argument_group("server").add_argument
     add("--external", action="store_true",
         help="load the server at imago --target HOST:PORT instead of starting one")  # fmt: skip
@@ -272,7 +272,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     add("--warmup", type=count, metavar="N",
         help="unmeasured requests first (default: C, at least 2 and one of each kind)")  # fmt: skip
     add = p.add_argument_group("requests").add_argument
-    add("--mix", type=_mix, default={"caption": 1}, metavar="KIND=W,...",
+    add("--mix", type=mix_arg, default={"caption": 1}, metavar="KIND=W,...",
         help="weights of caption, vqa, generate (default: caption=1)")  # fmt: skip
     add("--image-size", type=at_least_1, default=224, metavar="PX",
         help="side of the square input image of caption and VQA (default: 224)")  # fmt: skip
@@ -281,7 +281,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     add("--question", default="what is in the picture?", metavar="TEXT", help="VQA question")
     add("--prompt", default="a lighthouse at dusk", metavar="TEXT", help="generate prompt")
     add("--steps", type=at_least_1, default=10, metavar="N", help="denoising steps (default: 10)")
-    add("--size", type=_number(int, 64), default=0, metavar="PX", help="width = height of "
+    add("--size", type=number_arg(int, 64), default=0, metavar="PX", help="width = height of "
         "generated images, a multiple of 8 (default: the model's)")  # fmt: skip
     add("--preview-every", type=count, default=0, metavar="N",
         help="a preview every N steps (default: 0, none)")  # fmt: skip
