@@ -4,6 +4,13 @@ A servicer validates its request into a job, then asks the
 :class:`Dispatcher` for a ticket and waits on the ticket's events. Leaving
 early (the client cancelled or went away) takes the ticket out of the queue,
 or stops it on its worker.
+
+A ticket's request id is the RPC's (see :mod:`imago.server.observability`),
+so that log lines, ``ResponseInfo.request_id`` and the ``x-request-id``
+header agree. Each item of a bulk stream is a request of its own, with the id
+``{stream's id}-{item's index}`` (0 for the first item read). Ids must be
+unique among live tickets, because workers answer by id: an id a client sent
+again while its earlier request is still alive gets a random suffix.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -19,6 +27,8 @@ import grpc
 
 from imago.server.config import Limits
 from imago.server.errors import RequestError, from_failure
+from imago.server.logs import set_request_id
+from imago.server.observability import current_request_id
 from imago.server.pool import WorkerPool
 from imago.server.scheduler import Scheduler, Ticket
 from imago.v1 import common_pb2
@@ -42,6 +52,8 @@ class Dispatcher:
         self.scheduler = scheduler
         self.pool = pool
         self.limits = limits
+        # Tickets by request id while anything (queue, worker, servicer) holds them.
+        self._live: weakref.WeakValueDictionary[str, Ticket] = weakref.WeakValueDictionary()
 
     def model(self, service: str) -> ModelInfo:
         """The loaded model answering ``service``, or a status explaining why none."""
@@ -63,12 +75,21 @@ class Dispatcher:
         self, model: str, job: Job, images: list[bytes], deadline: float | None = None
     ) -> Ticket:
         """A ticket for ``job`` on ``model``; ``deadline`` is a ``time.monotonic()``
-        instant by which it must end (see :func:`deadline_of`)."""
-        request_id = uuid.uuid4().hex
+        instant by which it must end (see :func:`deadline_of`).
+
+        Its request id is the current request's (a fresh uuid4 hex outside an
+        RPC), made unique among live tickets."""
+        request_id = current_request_id()
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        elif request_id in self._live:
+            request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         item = WorkItem(request_id=request_id, job=job, frames=len(images))
-        return Ticket(
+        ticket = Ticket(
             request_id=request_id, model=model, item=item, frames=images, deadline=deadline
         )
+        self._live[request_id] = ticket
+        return ticket
 
     async def events(self, ticket: Ticket) -> AsyncIterator[tuple[object, list[bytes]]]:
         """Queue ``ticket`` and yield its events up to and including the last one.
@@ -144,12 +165,20 @@ async def bulk(
     or waiting to be written: past that the stream is not read, so HTTP/2 flow
     control holds a fast client back instead of the server buffering without
     bound, and a client that stops reading results stops being read.
+
+    Inside an RPC with request id ``S``, the item read ``n``-th (from 0) is
+    handled as request ``S-n``.
     """
     done: asyncio.Queue = asyncio.Queue()
     slots = asyncio.Semaphore(window)
     finished = object()
 
-    async def one(item) -> None:
+    stream_id = current_request_id()
+
+    async def one(item, index: int) -> None:
+        # Each item runs in a task of its own, whose context this changes alone.
+        if stream_id is not None:
+            set_request_id(f"{stream_id}-{index}")
         try:
             out = wrap(id=item.id, response=await handle(item.request))
         except RequestError as error:
@@ -164,9 +193,11 @@ async def bulk(
     async def read() -> None:
         tasks: set[asyncio.Task] = set()
         try:
+            index = 0
             async for item in items:
                 await slots.acquire()
-                task = asyncio.create_task(one(item))
+                task = asyncio.create_task(one(item, index))
+                index += 1
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)

@@ -20,12 +20,18 @@ almost the same time.
 
 Queues are bounded; a full queue turns new requests away at once. A deadline
 ends a ticket wherever it is: taken out of its queue, or stopped on its worker.
+
+With a :class:`~imago.server.metrics.Metrics`, the scheduler keeps
+``imago_queue_depth`` and ``imago_inflight_requests`` (requests, not batch
+weight) current, and records each batch's size and its requests' queue times
+when a worker takes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -34,8 +40,11 @@ from typing import Protocol
 import grpc
 
 from imago.server.errors import RequestError
+from imago.server.metrics import Metrics
 from imago.workers.presets import BatchPolicy
 from imago.workers.protocol import Failed, Outcome, WorkItem, batch_key, batch_weight
+
+log = logging.getLogger("imago.scheduler")
 
 #: Seconds a model's peak load is remembered.
 RECENT_S = 1.0
@@ -104,7 +113,12 @@ class Workers(Protocol):
 class Scheduler:
     """FIFO queue per model; batches go to workers as soon as one is idle."""
 
-    def __init__(self, max_queue_size: int, policies: dict[str, BatchPolicy] | None = None) -> None:
+    def __init__(
+        self,
+        max_queue_size: int,
+        policies: dict[str, BatchPolicy] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._max_queue_size = max_queue_size
         self._policies = dict(policies or {})
         self._queues: dict[str, deque[Ticket]] = {}
@@ -116,6 +130,12 @@ class Scheduler:
         self._peak: dict[str, tuple[int, float]] = {}
         self._freed_at: dict[str, float] = {}
         self._wake_timers: dict[str, asyncio.TimerHandle] = {}
+        self._metrics = metrics
+        if metrics is not None:
+            # Known models show up at 0 before their first request.
+            for model in self._policies:
+                metrics.queue_depth.labels(model).set(0)
+                metrics.inflight.labels(model).set(0)
 
     def attach(self, workers: Workers) -> None:
         self._workers = workers
@@ -136,6 +156,8 @@ class Scheduler:
                 retry_after_s=1.0,
             )
         queue.append(ticket)
+        self._queue_changed(ticket.model)
+        log.debug("queued for %s behind %d", ticket.model, len(queue) - 1)
         self._note_load(ticket.model)
         if ticket.deadline is not None:
             loop = asyncio.get_running_loop()
@@ -170,6 +192,7 @@ class Scheduler:
     def fail_queued(self, model: str, reason: str) -> None:
         """End every ticket queued for ``model`` with UNAVAILABLE (safe to retry)."""
         queue = self._queues.pop(model, deque())
+        self._queue_changed(model)
         for ticket in queue:
             ticket.deliver(Failed(ticket.request_id, "UNAVAILABLE", reason))
 
@@ -178,6 +201,8 @@ class Scheduler:
         if ticket.running:
             ticket.running = False
             self._running[ticket.model] -= batch_weight(ticket.item.job)
+            if self._metrics is not None:
+                self._metrics.inflight.labels(ticket.model).dec()
 
     def batch_done(self, model: str) -> None:
         """A worker finished a batch of ``model``; its clients may be about to return."""
@@ -206,12 +231,30 @@ class Scheduler:
                     ticket.running = True
                 weight = sum(batch_weight(t.item.job) for t in batch)
                 self._running[model] = self._running.get(model, 0) + weight
-                self._workers.run(worker, next(self._batch_ids), model, batch)
+                batch_id = next(self._batch_ids)
+                self._batch_started(model, batch, now)
+                if log.isEnabledFor(logging.DEBUG):
+                    ids = " ".join(t.request_id for t in batch)
+                    log.debug("batch %d of %s to %s: %s", batch_id, model, worker, ids)
+                self._workers.run(worker, batch_id, model, batch)
                 moved = True
             if moved:
+                self._queue_changed(model)
                 self._report_positions(model)
 
     # ------------------------------------------------------------ internals
+
+    def _queue_changed(self, model: str) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.labels(model).set(self.queue_depth(model))
+
+    def _batch_started(self, model: str, batch: list[Ticket], now: float) -> None:
+        """Count ``batch`` (started at ``now``, monotonic seconds) as running."""
+        if self._metrics is None:
+            return
+        self._metrics.inflight.labels(model).inc(len(batch))
+        waited = [now - ticket.enqueued_at for ticket in batch]
+        self._metrics.batch_started(model, len(batch), waited)
 
     def _take_batch(self, model: str, queue: deque[Ticket]) -> list[Ticket]:
         """Remove and return the next batch from ``queue``; [] to wait for
@@ -284,6 +327,7 @@ class Scheduler:
         if queue is None or ticket not in queue:
             return False
         queue.remove(ticket)
+        self._queue_changed(ticket.model)
         self._report_positions(ticket.model)
         # The ticket may have led a batch that was waiting for companions.
         self.dispatch()
