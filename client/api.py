@@ -20,10 +20,9 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
-import grpc
-import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from imago.client.channels import Security, open_aio_channel, open_channel
 from imago.client.messages import (
     GENERATION_FIELDS,
     ImageInput,
@@ -68,7 +67,16 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class _ClientBase:
-    """Channel, stubs and per-call timeout shared by both clients."""
+    """Channel, stubs and per-call timeout shared by both clients.
+
+    The channel is plaintext unless ``tls`` is set or a certificate is given:
+    ``root_certificates`` (PEM bytes of the CAs to trust; default: the
+    system's), ``client_certificate_chain`` and ``client_private_key`` (PEM
+    bytes of the client's certificate, for servers requiring mutual TLS).
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call (in
+    the clear on a plaintext channel). ``server_name_override`` is the name
+    the server's certificate must carry when it is not the target's host.
+    """
 
     def __init__(
         self,
@@ -76,6 +84,12 @@ class _ClientBase:
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         timeout: float | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        client_certificate_chain: bytes | None = None,
+        client_private_key: bytes | None = None,
+        token: str | None = None,
+        server_name_override: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -83,7 +97,15 @@ class _ClientBase:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self._channel = self._open(target, options)
+        security = Security(
+            tls=tls,
+            root_certificates=root_certificates,
+            client_certificate_chain=client_certificate_chain,
+            client_private_key=client_private_key,
+            token=token,
+            server_name_override=server_name_override,
+        )
+        self._channel = self._open(target, options, security)
         self._caption = caption_pb2_grpc.CaptionServiceStub(self._channel)
         self._vqa = vqa_pb2_grpc.VqaServiceStub(self._channel)
         self._imagegen = imagegen_pb2_grpc.ImageGenServiceStub(self._channel)
@@ -91,8 +113,8 @@ class _ClientBase:
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     @staticmethod
-    def _open(target: str, options: list[tuple[str, Any]]) -> Any:
-        return grpc.insecure_channel(target, options=options)
+    def _open(target: str, options: list[tuple[str, Any]], security: Security) -> Any:
+        return open_channel(target, options, security)
 
 
 def _health_name(response: health_pb2.HealthCheckResponse) -> str:
@@ -103,11 +125,16 @@ def _health_name(response: health_pb2.HealthCheckResponse) -> str:
 
 
 class ImagoClient(_ClientBase):
-    """Blocking client over one insecure gRPC channel.
+    """Blocking client over one gRPC channel.
 
     ``timeout`` (seconds) bounds every call; for :meth:`generate` it bounds the
     whole stream. ``max_message_bytes`` caps messages both ways and should
     match the server's limit.
+
+    The channel is plaintext unless ``tls=True`` or a certificate is given
+    (``root_certificates``, ``client_certificate_chain`` with
+    ``client_private_key``: PEM bytes); ``token`` is sent as a bearer token
+    on every call.
     """
 
     def __enter__(self) -> ImagoClient:
@@ -235,8 +262,8 @@ class AsyncImagoClient(_ClientBase):
     """
 
     @staticmethod
-    def _open(target: str, options: list[tuple[str, Any]]) -> Any:
-        return grpc.aio.insecure_channel(target, options=options)
+    def _open(target: str, options: list[tuple[str, Any]], security: Security) -> Any:
+        return open_aio_channel(target, options, security)
 
     async def __aenter__(self) -> AsyncImagoClient:
         return self

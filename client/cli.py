@@ -22,10 +22,12 @@ from imago.client.api import DEFAULT_TARGET, GENERATION_FIELDS, ImagoClient
 from imago.client.argtypes import uint
 from imago.client.bench import add_bench_parser
 from imago.client.bulk import BulkReport, ask_to_file, caption_to_file, image_paths
+from imago.client.connect import add_connection_options, client_from_args
 from imago.client.generating import add_generate_parser
 from imago.client.localfiles import InputError, local, read
 from imago.client.ranking import add_rank_parser
 from imago.client.serving import add_serve_parser
+from imago.client.soak import add_soak_parser
 
 _CAPTION_DOC = """Caption images, printing one line per image. With --out FILE, caption
 them all through one bulk stream into JSON lines, with a progress bar: an
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="deadline of each call (default: none)"
     )
+    add_connection_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     add_serve_parser(sub)
@@ -114,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rank_parser(sub)
     add_bench_parser(sub)
+    add_soak_parser(sub)
     return parser
 
 
@@ -160,7 +164,7 @@ def _one_line(text: str) -> str:
 
 
 def _client(args: argparse.Namespace) -> ImagoClient:
-    return ImagoClient(args.target, timeout=args.timeout)
+    return client_from_args(args)
 
 
 def _caption(args: argparse.Namespace) -> int:
@@ -236,9 +240,11 @@ def _health(args: argparse.Namespace) -> int:
         while True:
             try:
                 status = client.health(args.service)
-            except grpc.RpcError:
-                # Not listening yet, or still starting: only an error once time is up.
-                if time.monotonic() >= deadline:
+            except grpc.RpcError as err:
+                # Not listening yet, or still starting: only an error once time
+                # is up. A refused token will not become valid by waiting.
+                refused = err.code() == grpc.StatusCode.UNAUTHENTICATED
+                if refused or time.monotonic() >= deadline:
                     raise
                 status = ""
             if status == "SERVING" or time.monotonic() >= deadline:

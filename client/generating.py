@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imago.client.api import ImagoClient
 from imago.client.argtypes import uint
+from imago.client.connect import client_from_args
 from imago.client.localfiles import local, read
 
 _SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -145,7 +145,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     result = None
     bar = tqdm(total=args.steps or None, desc="waiting", unit="step", file=sys.stderr, disable=None)
-    with bar, ImagoClient(args.target, timeout=args.timeout) as client:
+    with bar, client_from_args(args) as client:
         events = client.generate(
             args.prompt,
             negative_prompt=args.negative,

@@ -20,6 +20,7 @@ import grpc
 from imago.client.api import ImagoClient
 from imago.client.argtypes import positive
 from imago.client.bulk import image_paths
+from imago.client.connect import client_from_args
 from imago.client.localfiles import read
 
 _RANK_DOC = """Order images (files or directories) by how well they match --prompt,
@@ -109,7 +110,7 @@ def run_rank(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no images found", file=sys.stderr)
         return 2
-    with ImagoClient(args.target, timeout=args.timeout) as client:
+    with client_from_args(args) as client:
         ranked, matching = rank_images(
             client, paths, args.prompt, matching=not args.similarity_only, group=args.group
         )

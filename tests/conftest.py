@@ -45,15 +45,28 @@ class RunningServer:
         return self.process.wait(timeout)
 
 
-def wait_serving(target: str, process: subprocess.Popen, log_path: Path) -> None:
+def wait_serving(
+    target: str,
+    process: subprocess.Popen,
+    log_path: Path,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> None:
+    """Polls health until SERVING, over TLS with ``credentials`` and sending
+    ``metadata`` (a bearer token) when the server needs them."""
     deadline = time.monotonic() + START_TIMEOUT_S
-    with grpc.insecure_channel(target) as channel:
+    if credentials is None:
+        opened = grpc.insecure_channel(target)
+    else:
+        opened = grpc.secure_channel(target, credentials)
+    with opened as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                request = health_pb2.HealthCheckRequest(service="")
+                reply = stub.Check(request, timeout=2, metadata=metadata or None)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -63,8 +76,17 @@ def wait_serving(target: str, process: subprocess.Popen, log_path: Path) -> None
 
 
 def start_server(
-    cache_dir: Path, log_dir: Path, *extra: str, wait: bool = True, env: dict | None = None
+    cache_dir: Path,
+    log_dir: Path,
+    *extra: str,
+    wait: bool = True,
+    env: dict | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> RunningServer:
+    """Starts ``imago serve`` with ``extra`` arguments; with ``wait``, returns
+    once it is SERVING (polled by :func:`wait_serving`, with ``credentials``
+    and ``metadata``)."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     command = [
@@ -80,7 +102,7 @@ def start_server(
     server = RunningServer(process, f"127.0.0.1:{port}", log_path)
     if wait:
         try:
-            wait_serving(server.target, process, log_path)
+            wait_serving(server.target, process, log_path, credentials, metadata)
         except Exception:
             server.stop(signal.SIGKILL)
             raise
