@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from imago.workers.presets import ModelSpec, preset, with_batching, with_overrides
 
 MiB = 1024 * 1024
+#: Seconds a busy worker may report nothing before it is restarted, unless
+#: ``--watchdog-s`` says otherwise.
+DEFAULT_WATCHDOG_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -85,3 +89,31 @@ class ServeConfig:
         preset or a malformed override."""
         models = with_overrides(preset(self.preset), self.overrides)
         return with_batching(models, self.max_batch_sizes, self.max_batch_delays_ms)
+
+    def watchdogs(self) -> dict[str, float]:
+        """Watchdog seconds for every model served; ValueError as :func:`resolve_watchdogs`."""
+        return resolve_watchdogs(self.watchdog_s, [spec.name for spec in self.models()])
+
+
+def resolve_watchdogs(
+    entries: tuple[str, ...], models: list[str], default_s: float = DEFAULT_WATCHDOG_S
+) -> dict[str, float]:
+    """Seconds per model from "[MODEL=]SECONDS" entries: a bare one sets every
+    model, later entries win, models no entry names keep ``default_s``.
+    ValueError names an entry with an unknown model or a SECONDS that is not a
+    finite number above zero."""
+    seconds = dict.fromkeys(models, default_s)
+    for entry in entries:
+        name, sep, text = entry.rpartition("=")
+        if sep and name not in seconds:
+            known = ", ".join(models)
+            raise ValueError(f"watchdog {entry!r} names unknown model {name!r}; models: {known}")
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"watchdog {entry!r} is not [MODEL=]SECONDS with SECONDS > 0")
+        for key in [name] if sep else models:
+            seconds[key] = value
+    return seconds

@@ -5,6 +5,12 @@ process connects a DEALER whose identity is its worker id. Headers are
 msgspec/msgpack structs from :mod:`imago.workers.protocol`; image bytes
 travel as extra frames. Workers are spawned (never forked), so no CUDA or
 thread state leaks from the frontend into them.
+
+Dead and stuck workers are noticed and restarted by the
+:class:`~imago.server.supervisor.Supervisor` (see there for the restart
+policy and the watchdog). The pool records what workers report in the
+server's :class:`~imago.server.metrics.Metrics`: steps, images, tokens, time
+to first preview, batch durations, memory, and whether each worker is up.
 """
 
 from __future__ import annotations
@@ -14,10 +20,9 @@ import logging
 import multiprocessing
 import os
 import shutil
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -25,7 +30,11 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
+from imago.server.devices import cpu_threads
+from imago.server.logs import current_format
+from imago.server.metrics import Metrics
 from imago.server.scheduler import Scheduler, Ticket
+from imago.server.supervisor import Supervisor
 from imago.workers import main as worker_main
 from imago.workers.presets import ModelSpec
 from imago.workers.protocol import (
@@ -33,60 +42,30 @@ from imago.workers.protocol import (
     BatchDone,
     Cancel,
     Failed,
+    Heartbeat,
+    ImageResult,
     LoadFailed,
     ModelInfo,
     Outcome,
+    Preview,
+    Progress,
     Ready,
     ReloadAdapters,
     RunBatch,
     Shutdown,
+    TextResult,
     encode,
     from_worker_decoder,
 )
 
 log = logging.getLogger("imago.pool")
 
-# How often dead worker processes are looked for, in seconds.
-WATCH_INTERVAL_S = 0.2
 # How long a worker gets to exit after Shutdown before it is terminated.
 SHUTDOWN_GRACE_S = 5.0
 
 
 class StartupError(RuntimeError):
     """A worker could not load its models; the message says which and why."""
-
-
-def detect_devices(workers: int, cpu_only: bool) -> list[str]:
-    """One "cuda:N" per visible NVIDIA GPU, else ``workers`` times "cpu".
-
-    Asks nvidia-smi rather than torch, so the frontend never imports torch.
-    """
-    if not cpu_only:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None:
-            ids = [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
-            if ids:
-                return [f"cuda:{i}" for i in ids]
-        elif shutil.which("nvidia-smi"):
-            try:
-                listing = subprocess.run(
-                    ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True
-                ).stdout
-                count = sum(1 for line in listing.splitlines() if line.startswith("GPU "))
-                if count:
-                    return [f"cuda:{i}" for i in range(count)]
-            except (OSError, subprocess.SubprocessError):
-                log.warning("nvidia-smi failed; starting CPU workers")
-    return ["cpu"] * max(1, workers)
-
-
-def cpu_threads(devices: list[str]) -> int:
-    """Compute threads for each CPU worker: this process's cores shared out
-    evenly, so that several CPU workers do not oversubscribe them."""
-    workers = sum(1 for device in devices if device == "cpu")
-    if not workers:
-        return 0
-    return max(1, len(os.sched_getaffinity(0)) // workers)
 
 
 @dataclass(eq=False)
@@ -101,6 +80,21 @@ class WorkerHandle:
     batch_model: str | None = None
     # When it last became idle: the longest-idle worker gets the next batch.
     idle_since: float = 0.0
+    # Monotonic times: its process started, it last became ready (None while
+    # it is not), its last message arrived, its current batch was handed over.
+    spawned_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    heard_at: float = field(default_factory=time.monotonic)
+    batch_at: float = 0.0
+    # Whether it ever loaded its models: only such a worker is restarted.
+    was_ready: bool = False
+    # Deaths in a row (for the restart back-off), restarts so far.
+    deaths: int = 0
+    restarts: int = 0
+    # Why loading failed, when the worker said so before it exited.
+    load_error: str = ""
+    # Running requests that have had a preview already.
+    previewed: set[str] = field(default_factory=set)
 
     @property
     def live(self) -> bool:
@@ -123,12 +117,22 @@ class WorkerPool:
         *,
         cache_dir: Path | None = None,
         on_change: Callable[[], None] = lambda: None,
+        metrics: Metrics | None = None,
+        watchdog_s: Mapping[str, float] | None = None,
     ) -> None:
+        """``on_change`` is called whenever the set of live workers changes;
+        ``watchdog_s`` are the seconds a busy worker may stay silent, per
+        model (the default for models it does not name)."""
         self._specs = specs
         self._devices = devices
         self._scheduler = scheduler
         self._cache_dir = cache_dir
         self._on_change = on_change
+        self._metrics = metrics
+        self._watchdog_s = watchdog_s
+        self._supervisor: Supervisor | None = None
+        # Set once stop() begins: exits are expected, nothing is restarted.
+        self.stopping = False
         self._workers: dict[str, WorkerHandle] = {}
         self._tasks: list[asyncio.Task] = []
         self._startup: asyncio.Future[None] | None = None
@@ -138,6 +142,8 @@ class WorkerPool:
         self._socket.setsockopt(zmq.LINGER, 0)
         # Tell us when a peer is not connected rather than silently dropping.
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A restarted worker reuses its identity: its connection takes over.
+        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._endpoint = f"ipc://{self._dir / 'workers.sock'}"
         self._socket.bind(self._endpoint)
         scheduler.attach(self)
@@ -145,29 +151,20 @@ class WorkerPool:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, timeout_s: float) -> None:
-        """Spawn one worker per device and wait until all have loaded."""
+        """Spawn one worker per device and wait until all have loaded, at most
+        ``timeout_s`` seconds (restarted workers get as long)."""
         self._startup = asyncio.get_running_loop().create_future()
-        spawn = multiprocessing.get_context("spawn")
         for index, device in enumerate(self._devices):
             worker_id = f"worker-{index}"
-            process = spawn.Process(
-                target=worker_main.run_worker,
-                name=f"imago-{worker_id}",
-                kwargs={
-                    "worker_id": worker_id,
-                    "device": device,
-                    "endpoint": self._endpoint,
-                    "specs": list(self._specs),
-                    "cache_dir": str(self._cache_dir) if self._cache_dir else None,
-                    "parent_pid": os.getpid(),
-                    "log_level": logging.getLogger().level,
-                    "cpu_threads": cpu_threads(self._devices),
-                },
-                daemon=True,
-            )
-            process.start()
-            self._workers[worker_id] = WorkerHandle(worker_id, device, process)
-        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
+            worker = WorkerHandle(worker_id, device, self._spawn(worker_id, device))
+            self._workers[worker_id] = worker
+            if self._metrics is not None:
+                self._metrics.worker_up.labels(worker_id, device).set(0)
+        self._supervisor = Supervisor(self, self._watchdog_s, timeout_s)
+        self._tasks = [
+            asyncio.create_task(self._receive()),
+            asyncio.create_task(self._supervisor.run()),
+        ]
         try:
             await asyncio.wait_for(asyncio.shield(self._startup), timeout_s)
         except TimeoutError:
@@ -175,6 +172,9 @@ class WorkerPool:
 
     async def stop(self) -> None:
         """Ask every worker to exit, then make sure it has. Leaves no process."""
+        self.stopping = True
+        if self._supervisor is not None:
+            self._supervisor.stop()
         for worker in self._workers.values():
             if worker.state != "dead":
                 self._send(worker, Shutdown())
@@ -208,6 +208,47 @@ class WorkerPool:
     def workers(self) -> list[WorkerHandle]:
         return list(self._workers.values())
 
+    def busy(self) -> bool:
+        """Whether any request is queued for a worker or running on one."""
+        queued = any(self._scheduler.queue_depth(spec.name) for spec in self._specs)
+        return queued or any(worker.running for worker in self._workers.values())
+
+    # ------------------------------------------------ supervisor interface
+
+    def lose(self, worker: WorkerHandle, reason: str) -> None:
+        """Handle ``worker`` as dead for ``reason``: its running requests, and
+        those queued for a model no live worker holds any more, end with
+        UNAVAILABLE (safe to retry)."""
+        worker.state = "dead"
+        worker.ready_at = None
+        worker.batch_model = None
+        log.error(reason)
+        if self._metrics is not None:
+            self._metrics.worker_up.labels(worker.worker_id, worker.device).set(0)
+        for ticket in worker.running.values():
+            ticket.deliver(Failed(ticket.request_id, "UNAVAILABLE", reason))
+            self._scheduler.left_worker(ticket)
+        worker.running.clear()
+        worker.previewed.clear()
+        # Nobody would ever take requests queued for a model no live worker holds.
+        for model in set(worker.models) - self.live_models():
+            self._scheduler.fail_queued(model, f"{reason}; no worker holds {model}")
+        if not worker.was_ready and self._startup and not self._startup.done():
+            self._startup.set_exception(StartupError(reason + " while loading models"))
+        self._on_change()
+
+    def respawn(self, worker: WorkerHandle) -> None:
+        """Start a new process for dead ``worker``; it is live again once it is ready."""
+        worker.process = self._spawn(worker.worker_id, worker.device)
+        worker.state = "starting"
+        worker.spawned_at = worker.heard_at = time.monotonic()
+        worker.load_error = ""
+        worker.restarts += 1
+        if self._metrics is not None:
+            self._metrics.worker_restarts.labels(worker.worker_id).inc()
+        name, pid = worker.worker_id, worker.process.pid
+        log.warning("%s restarted (restart %d, pid %d)", name, worker.restarts, pid)
+
     # ------------------------------------------------- scheduler interface
 
     def idle_worker(self, model: str) -> str | None:
@@ -224,6 +265,8 @@ class WorkerPool:
         worker = self._workers[worker_id]
         worker.state = "busy"
         worker.batch_model = model
+        # The watchdog counts silence from the hand-over on.
+        worker.batch_at = worker.heard_at = time.monotonic()
         frames: list[bytes] = []
         for ticket in tickets:
             worker.running[ticket.request_id] = ticket
@@ -245,6 +288,27 @@ class WorkerPool:
 
     # ------------------------------------------------------------ internals
 
+    def _spawn(self, worker_id: str, device: str) -> BaseProcess:
+        """Start a worker process for ``device``; it says Ready once loaded."""
+        process = multiprocessing.get_context("spawn").Process(
+            target=worker_main.run_worker,
+            name=f"imago-{worker_id}",
+            kwargs={
+                "worker_id": worker_id,
+                "device": device,
+                "endpoint": self._endpoint,
+                "specs": list(self._specs),
+                "cache_dir": str(self._cache_dir) if self._cache_dir else None,
+                "parent_pid": os.getpid(),
+                "log_level": logging.getLogger().level,
+                "cpu_threads": cpu_threads(self._devices),
+                "log_format": current_format(),
+            },
+            daemon=True,
+        )
+        process.start()
+        return process
+
     def _send(self, worker: WorkerHandle, message, frames: list[bytes] = ()) -> None:
         try:
             self._socket.send_multipart([worker.identity, encode(message), *frames], copy=False)
@@ -257,6 +321,7 @@ class WorkerPool:
             worker = self._workers.get(identity.decode())
             if worker is None:
                 continue
+            worker.heard_at = time.monotonic()
             try:
                 self._handle(worker, from_worker_decoder.decode(header), frames)
             except Exception:
@@ -265,33 +330,48 @@ class WorkerPool:
 
     def _handle(self, worker: WorkerHandle, message, frames: list[bytes]) -> None:
         if isinstance(message, Ready):
+            if message.pid != worker.process.pid or worker.state != "starting":
+                return  # from a process that has been replaced since
             worker.models = {info.name: info for info in message.models}
             worker.state = "idle"
-            worker.idle_since = time.monotonic()
+            worker.idle_since = worker.ready_at = time.monotonic()
+            worker.was_ready = True
             log.info("%s ready on %s (pid %d)", worker.worker_id, worker.device, message.pid)
+            if self._metrics is not None:
+                self._metrics.worker_up.labels(worker.worker_id, worker.device).set(1)
             if self._startup and not self._startup.done():
                 if all(w.state != "starting" for w in self._workers.values()):
                     self._startup.set_result(None)
             self._on_change()
             self._scheduler.dispatch()
+        elif isinstance(message, LoadFailed):
+            # The process exits next; the supervisor then handles it as dead.
+            worker.load_error = message.message
+            if not worker.was_ready and self._startup and not self._startup.done():
+                self._startup.set_exception(StartupError(message.message))
+        elif not worker.live:
+            return  # left over from a process that has died since
+        elif isinstance(message, Heartbeat):
+            if self._metrics is not None:
+                self._metrics.worker_memory_reported(
+                    worker.worker_id, worker.device, message.resident_bytes, message.device_bytes
+                )
         elif isinstance(message, AdaptersReloaded):
-            if worker.live:
-                worker.models = {info.name: info for info in message.models}
+            worker.models = {info.name: info for info in message.models}
             if message.error:
                 log.error("%s could not reload adapters: %s", worker.worker_id, message.error)
             else:
                 adapters = {name: info.adapters for name, info in worker.models.items()}
                 log.info("%s reloaded adapters: %s", worker.worker_id, adapters)
-        elif isinstance(message, LoadFailed):
-            worker.state = "dead"
-            if self._startup and not self._startup.done():
-                self._startup.set_exception(StartupError(message.message))
         elif isinstance(message, BatchDone):
             model, worker.batch_model = worker.batch_model, None
             if worker.state == "busy":
                 worker.state = "idle"
                 worker.idle_since = time.monotonic()
             if model is not None:
+                if self._metrics is not None:
+                    seconds = message.seconds or worker.idle_since - worker.batch_at
+                    self._metrics.inference_duration.labels(model).observe(seconds)
                 self._scheduler.batch_done(model)
             else:
                 self._scheduler.dispatch()
@@ -299,29 +379,25 @@ class WorkerPool:
             ticket = worker.running.get(message.request_id)
             if ticket is None:
                 return
+            if self._metrics is not None:
+                self._record(worker, ticket, message)
             if isinstance(message, Outcome):
                 del worker.running[message.request_id]
+                worker.previewed.discard(message.request_id)
                 self._scheduler.left_worker(ticket)
             ticket.deliver(message, frames)
 
-    async def _watch(self) -> None:
-        """Notice worker processes that exit on their own, and fail their requests."""
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL_S)
-            for worker in self._workers.values():
-                if worker.state == "dead" or worker.process.is_alive():
-                    continue
-                was_starting = worker.state == "starting"
-                worker.state = "dead"
-                reason = f"{worker.worker_id} exited with code {worker.process.exitcode}"
-                log.error(reason)
-                for ticket in worker.running.values():
-                    ticket.deliver(Failed(ticket.request_id, "UNAVAILABLE", reason))
-                    self._scheduler.left_worker(ticket)
-                worker.running.clear()
-                # Nobody would ever take requests queued for a model no live worker holds.
-                for model in set(worker.models) - self.live_models():
-                    self._scheduler.fail_queued(model, f"{reason}; no worker holds {model}")
-                if was_starting and self._startup and not self._startup.done():
-                    self._startup.set_exception(StartupError(reason + " while loading models"))
-                self._on_change()
+    def _record(self, worker: WorkerHandle, ticket: Ticket, message) -> None:
+        """Count what a request's event says in the metrics."""
+        metrics, model = self._metrics, ticket.model
+        if isinstance(message, Progress):
+            metrics.denoise_steps.labels(model).inc()
+        elif isinstance(message, Preview):
+            if ticket.request_id not in worker.previewed:
+                worker.previewed.add(ticket.request_id)
+                seconds = time.monotonic() - ticket.enqueued_at
+                metrics.first_preview.labels(model).observe(seconds)
+        elif isinstance(message, ImageResult):
+            metrics.images_generated.labels(model).inc(len(message.images))
+        elif isinstance(message, TextResult):
+            metrics.tokens_generated.labels(model).inc(message.tokens)

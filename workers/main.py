@@ -5,6 +5,16 @@ process target, so it must not import torch at module level. The worker is
 single-threaded: between denoising steps or generation chunks the runner asks
 :meth:`WorkerChannel.is_cancelled`, which drains control messages from the
 socket without blocking.
+
+The worker tells the frontend it is alive with a :class:`Heartbeat` (which
+also carries its memory figures) about once a second while idle, after every
+batch, and from inside long model calls whenever it asks about cancellation
+and has sent nothing for a second. Heartbeats come from the one thread that
+runs the model, never from a thread of their own: a worker stuck in a model
+call must fall silent, so that the frontend's watchdog sees it.
+
+Test-only fault injection (off by default) is described in
+:mod:`imago.workers.faults`.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import ctypes
 import importlib
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -22,6 +33,8 @@ from pathlib import Path
 
 import zmq
 
+from imago.server.logs import configure_logging
+from imago.workers import faults
 from imago.workers.presets import ModelSpec
 from imago.workers.protocol import (
     AdaptersReloaded,
@@ -31,6 +44,7 @@ from imago.workers.protocol import (
     Cancel,
     Failed,
     GeneratedText,
+    Heartbeat,
     ImageMeta,
     ImageResult,
     LoadFailed,
@@ -55,8 +69,11 @@ FAMILIES = {
     "blip2-align": "imago.workers.alignment:Blip2AlignRunner",
 }
 
-# How often an idle worker checks that the frontend is still alive, in ms.
+# How often an idle worker sends a heartbeat and checks that the frontend is
+# still alive, in ms.
 PARENT_CHECK_MS = 1000
+# A busy worker sends a heartbeat when it has sent nothing for this long, in seconds.
+HEARTBEAT_S = 1.0
 # Control messages are looked for at most this often while a batch runs, in
 # seconds: a batch of 32 captions asks about every request at every token.
 DRAIN_INTERVAL_S = 0.001
@@ -71,10 +88,23 @@ class WorkerChannel:
         self.cancelled: set[str] = set()
         self.finished: set[str] = set()
         self.shutting_down = False
+        # Whether a request of the current batch failed for lack of memory.
+        self.exhausted = False
+        # Injected faults by request id: waiting for the request to start,
+        # then armed until its next cancellation check.
+        self.faults: dict[str, str] = {}
+        self._armed: dict[str, str] = {}
         self._drained_at = 0.0
+        self._sent_at = 0.0
 
     def send(self, message, frames: list[bytes] = ()) -> None:
         self._socket.send_multipart([encode(message), *frames], copy=False)
+        self._sent_at = time.monotonic()
+
+    def beat(self, quiet_s: float = 0.0) -> None:
+        """Send a Heartbeat, unless something was sent within ``quiet_s`` seconds."""
+        if time.monotonic() - self._sent_at >= quiet_s:
+            self.send(Heartbeat(*memory_usage()))
 
     def receive(self, timeout_ms: int) -> tuple[object, list[bytes]] | None:
         """Next message to act on, or None after ``timeout_ms``."""
@@ -103,10 +133,16 @@ class WorkerChannel:
     # ------------------------------------------------------------ EventSink
 
     def is_cancelled(self, request_id: str) -> bool:
+        if request_id in self._armed:
+            faults.trigger(self._armed.pop(request_id))
         self._drain_control()
+        # Asked between steps and tokens: the model is making progress.
+        self.beat(HEARTBEAT_S)
         return self.shutting_down or request_id in self.cancelled
 
     def started(self, request_id: str, total_steps: int = 0) -> None:
+        if request_id in self.faults:
+            self._armed[request_id] = self.faults.pop(request_id)
         self.send(Started(request_id, total_steps))
 
     def progress(self, request_id: str, step: int, total_steps: int, elapsed: float) -> None:
@@ -116,10 +152,17 @@ class WorkerChannel:
         self.send(Preview(request_id, step, image_index, mime_type, width, height), [data])
 
     def text_result(
-        self, request_id: str, texts: list[GeneratedText], seed: int, inference_seconds: float
+        self,
+        request_id: str,
+        texts: list[GeneratedText],
+        seed: int,
+        inference_seconds: float,
+        tokens: int | None = None,
     ) -> None:
         self.finished.add(request_id)
-        self.send(TextResult(request_id, texts, seed, inference_seconds))
+        if tokens is None:
+            tokens = sum(text.tokens for text in texts)
+        self.send(TextResult(request_id, texts, seed, inference_seconds, tokens))
 
     def image_result(
         self,
@@ -143,7 +186,22 @@ class WorkerChannel:
 
     def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
         self.finished.add(request_id)
+        self.exhausted = self.exhausted or code == "RESOURCE_EXHAUSTED"
         self.send(Failed(request_id, code, message, field))
+
+
+def memory_usage() -> tuple[int, int]:
+    """This process's resident memory and the memory torch has allocated on
+    its accelerator (0 without one), both in bytes."""
+    try:
+        with open("/proc/self/statm") as statm:
+            resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        # No /proc: the peak is the best there is (ru_maxrss is in KiB on Linux).
+        resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    torch = sys.modules.get("torch")
+    on_device = torch.cuda.memory_allocated() if torch and torch.cuda.is_initialized() else 0
+    return resident, on_device
 
 
 def _die_with_parent() -> None:
@@ -183,17 +241,32 @@ def _reload(worker_id: str, runners: dict) -> AdaptersReloaded:
     return AdaptersReloaded(worker_id, [runner.info() for runner in runners.values()], error)
 
 
-def _run_batch(runners: dict, batch: RunBatch, frames: list[bytes], channel: WorkerChannel):
-    from imago.workers.runner import Request, run_to_the_end
+def _run_batch(
+    runners: dict,
+    batch: RunBatch,
+    frames: list[bytes],
+    channel: WorkerChannel,
+    inject_faults: bool = False,
+) -> None:
+    from imago.workers.runner import Request, free_memory, run_to_the_end
 
+    started = time.perf_counter()
     requests, offset = [], 0
     for item in batch.items:
         requests.append(Request(item.request_id, item.job, frames[offset : offset + item.frames]))
         offset += item.frames
+        if inject_faults and (kind := faults.fault_of(item.job)):
+            channel.faults[item.request_id] = kind
     channel.finished.clear()
+    channel.exhausted = False
     run_to_the_end(runners[batch.model], requests, channel, channel.finished)
     channel.cancelled.difference_update(r.request_id for r in requests)
-    channel.send(BatchDone(batch.batch_id))
+    channel.faults.clear()
+    if channel.exhausted:
+        # Out of memory is survivable once what the batch held is given back.
+        free_memory()
+    channel.send(BatchDone(batch.batch_id, time.perf_counter() - started))
+    channel.beat()
 
 
 def run_worker(
@@ -205,16 +278,18 @@ def run_worker(
     parent_pid: int,
     log_level: int = logging.INFO,
     cpu_threads: int = 0,
+    log_format: str = "text",
 ) -> None:
     """Entry point of a worker process (spawned by the frontend).
 
     ``cpu_threads`` (0: torch's default) caps a CPU worker's compute threads
-    unless OMP_NUM_THREADS already says how many.
+    unless OMP_NUM_THREADS already says how many. ``log_format`` is the
+    frontend's ("text" or "json"); every line names ``worker_id``.
     """
     _die_with_parent()
     # Ctrl-C reaches the whole process group; the frontend decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format=f"%(asctime)s {worker_id} %(message)s")
+    configure_logging(logging.getLevelName(log_level), log_format, process=worker_id)
     # Download and load progress bars would interleave across workers in the server log.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -242,16 +317,21 @@ def run_worker(
             return
         log.info("loaded %s in %.1fs", ", ".join(runners), time.monotonic() - started)
         infos = [runner.info() for runner in runners.values()]
+        inject_faults = faults.enabled()
+        if inject_faults:
+            log.warning("fault injection is on (%s=1)", faults.ENV)
         channel.send(Ready(worker_id, device, os.getpid(), infos))
+        channel.beat()
         while not channel.shutting_down:
             received = channel.receive(PARENT_CHECK_MS)
+            channel.beat(HEARTBEAT_S)
             if received is None:
                 if os.getppid() != parent_pid:
                     break
                 continue
             message, frames = received
             if isinstance(message, RunBatch):
-                _run_batch(runners, message, frames, channel)
+                _run_batch(runners, message, frames, channel, inject_faults)
             elif isinstance(message, ReloadAdapters):
                 channel.send(_reload(worker_id, runners))
             elif isinstance(message, Shutdown):

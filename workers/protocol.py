@@ -283,6 +283,9 @@ class Preview(msgspec.Struct, tag="preview", frozen=True):
 class GeneratedText(msgspec.Struct, frozen=True):
     text: str
     score: float | None = None
+    # New tokens generated for this sequence, its end of text included and the
+    # padding after it not.
+    tokens: int = 0
 
 
 class TextResult(msgspec.Struct, tag="text_result", frozen=True):
@@ -290,6 +293,8 @@ class TextResult(msgspec.Struct, tag="text_result", frozen=True):
     texts: list[GeneratedText]
     seed: int
     inference_seconds: float
+    # New tokens generated for the request, all its sequences together.
+    tokens: int = 0
 
 
 class ImageMeta(msgspec.Struct, frozen=True):
@@ -338,13 +343,26 @@ class Failed(msgspec.Struct, tag="failed", frozen=True):
 
 
 class BatchDone(msgspec.Struct, tag="batch_done", frozen=True):
-    """The worker finished ``batch_id`` and is free for the next one."""
+    """The worker finished ``batch_id`` and is free for the next one, after
+    ``seconds`` of wall time on it (0 when not measured)."""
 
     batch_id: int
+    seconds: float = 0.0
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True):
+    """The worker is alive and making progress: sent about once a second while
+    idle, after every batch, and between the steps of a long model call. It
+    carries the process's resident memory and the memory torch has allocated
+    on its accelerator (0 on cpu), in bytes."""
+
+    resident_bytes: int = 0
+    device_bytes: int = 0
 
 
 FromWorker = Ready | AdaptersReloaded | LoadFailed | Started | Progress | Preview
 FromWorker = FromWorker | TextResult | ImageResult | ArraysResult | Failed | BatchDone
+FromWorker = FromWorker | Heartbeat
 #: Messages that end a request.
 Outcome = TextResult | ImageResult | ArraysResult | Failed
 

@@ -9,7 +9,9 @@ and naming it in :data:`imago.workers.main.FAMILIES`.
 from __future__ import annotations
 
 import abc
+import gc
 import logging
+import sys
 from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -58,7 +60,10 @@ class EventSink(Protocol):
         texts: list[GeneratedText],
         seed: int,
         inference_seconds: float,
-    ) -> None: ...
+        tokens: int | None = None,
+    ) -> None:
+        """End a request with its texts. ``tokens`` counts the new tokens of
+        all of them; None: the sum of their own ``tokens``."""
 
     def image_result(
         self,
@@ -129,6 +134,17 @@ def failure_of(exc: Exception) -> tuple[str, str]:
         return "RESOURCE_EXHAUSTED", f"out of device memory: {exc}"
     log.error("a batch failed", exc_info=exc)
     return "INTERNAL", f"{type(exc).__name__}: {exc}"
+
+
+def free_memory() -> None:
+    """Give back what a batch that ran out of memory left behind: unreachable
+    objects (tensors in reference cycles) to the allocator, and torch's cached
+    accelerator blocks to the device, so that the next batch has room. Torch
+    is only asked when something else imported it."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def run_to_the_end(
