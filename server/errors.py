@@ -7,6 +7,7 @@ inside bulk streams.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import grpc
@@ -62,8 +63,22 @@ def from_failure(failure: Failed) -> RequestError:
 
 
 async def abort(context: grpc.aio.ServicerContext, error: RequestError) -> None:
-    """End the RPC with ``error``'s status and details. Never returns."""
-    await context.abort_with_status(error.to_status())
+    """End the RPC with ``error``'s status and details. Never returns.
+
+    A call whose deadline has passed was already ended by gRPC itself, and
+    sending a status then fails: such a call leaves as cancelled instead of
+    logging a servicer error nobody can act on.
+    """
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise asyncio.CancelledError(str(error))
+    try:
+        await context.abort_with_status(error.to_status())
+    except grpc.aio.AbortError:
+        raise  # the status went out: the normal way to end the call
+    except Exception as exc:
+        # The deadline passed (or the client left) while the status was on its way.
+        raise asyncio.CancelledError(str(error)) from exc
 
 
 def _pack(message) -> any_pb2.Any:

@@ -19,8 +19,23 @@ from imago.server.config import Limits
 from imago.server.errors import invalid
 from imago.v1 import common_pb2
 
-# PIL format name -> MIME type, for every format accepted in requests.
-ACCEPTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# PIL format name -> MIME type, for every format accepted in requests. PIL
+# names a JPEG that holds more than one picture (as cameras and phones write
+# them) MPO; it is still a JPEG, and decodes as its first picture.
+ACCEPTED_FORMATS = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "WEBP": "image/webp",
+}
+
+# Most scans a JPEG may have (counted as start-of-scan markers, embedded
+# thumbnails and further pictures included). Baseline JPEGs have one per
+# picture and progressive ones about ten; libjpeg decodes every scan over the
+# whole image, so a few kilobytes of empty scans on a large image keep a
+# worker decoding for minutes, deaf to cancellation and deadlines.
+MAX_JPEG_SCANS = 100
+_START_OF_SCAN = b"\xff\xda"
 
 # ImageFormat enum value -> PIL format name, for outputs and previews.
 OUTPUT_FORMATS = {
@@ -42,7 +57,8 @@ def output_format(value: int, field: str, default: str) -> str:
 
 def check_image(image: common_pb2.Image, field: str, limits: Limits) -> bytes:
     """Return the image's bytes once its header shows an accepted format within
-    the limits. Reads the header only (microseconds), never the pixels.
+    the limits. Reads the header (and counts a JPEG's scan markers), never
+    decodes the pixels: microseconds, or a millisecond for megabytes.
 
     Raises RequestError(INVALID_ARGUMENT) naming ``field.data`` or
     ``field.mime_type``.
@@ -80,6 +96,12 @@ def check_image(image: common_pb2.Image, field: str, limits: Limits) -> bytes:
                 f"{field}.data",
                 f"image has {width * height} pixels; at most {limits.max_input_pixels} allowed",
             )
+    if ACCEPTED_FORMATS[fmt] == "image/jpeg":
+        # Entropy-coded data escapes 0xFF as 0xFF00, so every 0xFFDA is a
+        # marker; counting them is a memchr-speed pass over the bytes.
+        scans = data.count(_START_OF_SCAN)
+        if scans > MAX_JPEG_SCANS:
+            raise invalid(f"{field}.data", f"JPEG has {scans} scans; at most {MAX_JPEG_SCANS}")
     return data
 
 

@@ -211,8 +211,18 @@ def match_job(
     return job, images
 
 
-def _size(field: str, value: int, default: int, limits: Limits) -> int:
+def _size(field: str, value: int, default: int, limits: Limits, source: str = "") -> int:
+    """``value`` checked, or ``default`` when it is 0. A default taken from the
+    input image ``source`` is checked too: input images may be larger than
+    outputs."""
     if value == 0:
+        if default > limits.max_image_side:
+            raise invalid(
+                field,
+                f"is unset, so it would take the {source}'s {default} pixels, over the "
+                f"limit of {limits.max_image_side}; set it to a multiple of 8 in "
+                f"[64, {limits.max_image_side}]",
+            )
         return default
     if value % 8:
         raise invalid(field, f"must be a multiple of 8, got {value}")
@@ -340,8 +350,8 @@ def image_to_image_job(
     field = "image_to_image.init_image"
     init = check_image(task.init_image, field, limits)
     init_width, init_height = image_size(init)
-    width = _size("width", request.width, max(64, init_width // 8 * 8), limits)
-    height = _size("height", request.height, max(64, init_height // 8 * 8), limits)
+    width = _size("width", request.width, max(64, init_width // 8 * 8), limits, "init image")
+    height = _size("height", request.height, max(64, init_height // 8 * 8), limits, "init image")
     strength = decimal(task.strength) or DEFAULT_STRENGTH
     _in_range("image_to_image.strength", strength, 0.0, 1.0, low_open=True)
     job = ImageToImageJob(
@@ -368,8 +378,8 @@ def inpaint_job(
     image = check_image(task.image, "inpaint.image", limits)
     mask = check_image(task.mask, "inpaint.mask", limits)
     image_width, image_height = image_size(image)
-    width = _size("width", request.width, max(64, image_width // 8 * 8), limits)
-    height = _size("height", request.height, max(64, image_height // 8 * 8), limits)
+    width = _size("width", request.width, max(64, image_width // 8 * 8), limits, "image")
+    height = _size("height", request.height, max(64, image_height // 8 * 8), limits, "image")
     strength = decimal(task.strength) or 1.0
     _in_range("inpaint.strength", strength, 0.0, 1.0, low_open=True)
     job = InpaintJob(**_generation(request, model, limits, width, height), strength=strength)

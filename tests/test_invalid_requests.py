@@ -143,3 +143,22 @@ def test_bulk_stream_item_errors_name_the_field(channel):
 def test_server_still_answers_after_bad_requests(channel):
     stub = caption_pb2_grpc.CaptionServiceStub(channel)
     assert stub.Caption(caption_pb2.CaptionRequest(image=GOOD), timeout=60).captions
+
+
+# A truncated varint: no message parses from it.
+NOT_A_MESSAGE = b"\xff\xff\xff"
+
+
+def test_bytes_that_are_not_the_request_message_are_invalid_argument(channel):
+    caption = channel.unary_unary("/imago.v1.CaptionService/Caption")
+    with pytest.raises(grpc.RpcError) as caught:
+        caption(NOT_A_MESSAGE, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid" in caught.value.details()
+
+
+def test_an_item_that_is_not_a_message_ends_a_bulk_stream_as_invalid_argument(channel):
+    stream = channel.stream_stream("/imago.v1.CaptionService/CaptionStream")
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stream(iter([NOT_A_MESSAGE]), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

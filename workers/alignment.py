@@ -205,8 +205,8 @@ class Blip2AlignRunner(Runner):
             try:
                 with Image.open(io.BytesIO(data)) as image:
                     decoded.append(image.convert("RGB"))
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                message = f"cannot decode image {index}: {exc}"
+            except Exception as exc:  # PIL raises many types for corrupt data
+                message = f"cannot decode image {index}: {type(exc).__name__}: {exc}"
                 sink.failed(rid, "INVALID_ARGUMENT", message, f"images[{index}].data")
                 return None
         texts = () if isinstance(job, EmbedImagesJob) else job.texts

@@ -30,6 +30,11 @@ from imago.workers.protocol import (
 from imago.workers.runner import EventSink, Request, Runner
 
 IMAGE_TOKEN = "<image>"
+# Least temperature and repetition penalty given to transformers: both divide
+# logits, and below this (the API allows anything above 0) the quotients
+# overflow to inf and sampling fails on NaN probabilities. Decoding at this
+# temperature is all but greedy already (vLLM clamps temperatures the same way).
+MIN_DIVISOR = 1e-2
 
 
 @dataclass(frozen=True)
@@ -151,9 +156,9 @@ class Blip2Runner(Runner):
         """Decode the image and build the prompt; fail the request if impossible."""
         job = request.job
         if isinstance(job, CaptionJob):
-            prompt, prefix = job.prefix, job.prefix
+            prompt, prefix, text_field = job.prefix, job.prefix, "prefix"
         elif isinstance(job, VqaJob):
-            prompt, prefix = vqa_prompt(job.question), ""
+            prompt, prefix, text_field = vqa_prompt(job.question), "", "question"
         else:
             sink.failed(request.request_id, "INVALID_ARGUMENT", f"{self.family} cannot run {job!r}")
             return None
@@ -163,17 +168,25 @@ class Blip2Runner(Runner):
         try:
             with Image.open(io.BytesIO(request.images[0])) as image:
                 rgb = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            message = f"cannot decode image: {exc}"
+        except Exception as exc:  # PIL raises many types for corrupt data, not only OSError
+            message = f"cannot decode image: {type(exc).__name__}: {exc}"
             sink.failed(request.request_id, "INVALID_ARGUMENT", message, "image.data")
             return None
+        prompt_ids = self.processor.tokenizer(prompt).input_ids
+        if self.model.config.image_token_index in prompt_ids:
+            # The processor counts placeholders to place the image's query
+            # embeddings: one more in the text breaks the whole model call.
+            message = f"must not contain the image placeholder {IMAGE_TOKEN}"
+            sink.failed(request.request_id, "INVALID_ARGUMENT", message, text_field)
+            return None
         # Image placeholders and prompt share the language model's positions.
-        used = self.model.config.num_query_tokens + len(self.processor.tokenizer(prompt).input_ids)
+        used = self.model.config.num_query_tokens + len(prompt_ids)
         limit = self.model.config.text_config.max_position_embeddings
         if used + job.settings.max_new_tokens > limit:
             new = job.settings.max_new_tokens
             message = f"{new} new tokens after a {used}-token prompt exceed the {limit} positions"
-            field = "generation.max_new_tokens"
+            # A prompt that leaves no room for even one token is the text's fault.
+            field = text_field if used + 1 > limit else "generation.max_new_tokens"
             sink.failed(request.request_id, "INVALID_ARGUMENT", message, field)
             return None
         return _Item(request.request_id, rgb, prompt, prefix, job.settings)
@@ -195,10 +208,11 @@ class Blip2Runner(Runner):
         start = time.perf_counter()
         try:
             texts = self._generate(live, settings, _StopWhenCancelled(sink, ids))
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            # The worker frees the memory once the batch is over.
+            where = "host" if isinstance(exc, MemoryError) else "accelerator"
             for rid in ids:
-                sink.failed(rid, "RESOURCE_EXHAUSTED", "out of accelerator memory")
+                sink.failed(rid, "RESOURCE_EXHAUSTED", f"out of {where} memory")
             return
         elapsed = time.perf_counter() - start
         n = settings.num_return_sequences
@@ -232,29 +246,35 @@ class Blip2Runner(Runner):
         )
         prompt_length = inputs["input_ids"].shape[1]
         continuations = output.sequences[:, prompt_length:]
-        scores = self._scores(output, continuations, settings)
+        counted = self._counted(continuations)
+        scores = self._scores(output, counted, settings)
+        tokens = counted.sum(dim=1).tolist()
         decoded = self.processor.tokenizer.batch_decode(continuations, skip_special_tokens=True)
         n = settings.num_return_sequences
         return [
-            GeneratedText((items[row // n].prefix + text).strip(), float(score))
-            for row, (text, score) in enumerate(zip(decoded, scores, strict=True))
+            GeneratedText((items[row // n].prefix + text).strip(), float(score), int(count))
+            for row, (text, score, count) in enumerate(zip(decoded, scores, tokens, strict=True))
         ]
 
+    def _counted(self, continuations: torch.Tensor) -> torch.Tensor:
+        """Which tokens of ``continuations`` belong to their sequence: up to and
+        including its first end of text; what follows is padding."""
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        is_eos = torch.isin(continuations, torch.tensor(eos, device=continuations.device)).int()
+        return (is_eos.cumsum(dim=1) - is_eos) == 0  # no end of text before this token
+
     def _scores(
-        self, output: GenerateOutput, continuations: torch.Tensor, settings: TextSettings
+        self, output: GenerateOutput, counted: torch.Tensor, settings: TextSettings
     ) -> torch.Tensor:
-        """Length-normalised beam scores, else the summed token log-probs."""
+        """Length-normalised beam scores, else the summed log-probs of the
+        ``counted`` tokens."""
         if settings.num_beams > 1:
             return output.sequences_scores.float().cpu()
         steps = self.model.compute_transition_scores(
             output.sequences, output.scores, normalize_logits=True
         )
-        # Tokens after a sequence's end of text are padding, not part of it.
-        eos = self.model.generation_config.eos_token_id
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=steps.device)
-        is_eos = torch.isin(continuations, eos).int()
-        counted = (is_eos.cumsum(dim=1) - is_eos) == 0  # no end of text before this token
-        return torch.where(counted, steps.float(), 0.0).sum(dim=1).cpu()
+        return torch.where(counted.to(steps.device), steps.float(), 0.0).sum(dim=1).cpu()
 
 
 def generate_kwargs(settings: TextSettings) -> dict[str, object]:
@@ -265,11 +285,12 @@ def generate_kwargs(settings: TextSettings) -> dict[str, object]:
         "min_new_tokens": settings.min_new_tokens,
         "num_beams": settings.num_beams,
         "do_sample": settings.do_sample,
-        "repetition_penalty": settings.repetition_penalty,
+        "repetition_penalty": max(settings.repetition_penalty, MIN_DIVISOR),
         "num_return_sequences": settings.num_return_sequences,
     }
     if settings.do_sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+        temperature = max(settings.temperature, MIN_DIVISOR)
+        kwargs.update(temperature=temperature, top_p=settings.top_p, top_k=settings.top_k)
     if settings.num_beams > 1:
         kwargs["length_penalty"] = settings.length_penalty
     return kwargs

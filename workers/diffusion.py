@@ -260,8 +260,8 @@ class StableDiffusionRunner(Runner):
         for members in groups.values():
             try:
                 self._run_group(members, sink)
-            except torch.cuda.OutOfMemoryError as exc:
-                torch.cuda.empty_cache()
+            except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+                # The worker frees the memory once the batch is over.
                 self._fail_unfinished(members, sink, "RESOURCE_EXHAUSTED", f"out of memory: {exc}")
             except Exception as exc:
                 ids = ", ".join(member.request_id for member in members)

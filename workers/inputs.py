@@ -39,8 +39,8 @@ def _decode(data: bytes | None, field: str, mode: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as opened:
             return opened.convert(mode)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(field, f"cannot decode the image: {exc}") from None
+    except Exception as exc:  # PIL raises many types for corrupt data, not only OSError
+        raise InputError(field, f"cannot decode the image: {type(exc).__name__}: {exc}") from None
 
 
 def job_inputs(job: ImageToImageJob, frames: list[bytes]) -> JobInputs:
