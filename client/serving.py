@@ -7,7 +7,6 @@ command line stays light.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -138,12 +137,13 @@ def serve_config(args: argparse.Namespace) -> Any:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from imago.server.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
     config = serve_config(args)
     try:
         config.models()
+        config.watchdogs()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

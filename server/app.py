@@ -11,9 +11,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from imago.server.config import ServeConfig
+from imago.server.devices import detect_devices
 from imago.server.dispatch import Dispatcher
-from imago.server.pool import StartupError, WorkerPool, detect_devices
+from imago.server.drain import drain
+from imago.server.metrics import Metrics, start_http
+from imago.server.observability import ObservabilityInterceptor
+from imago.server.pool import StartupError, WorkerPool
 from imago.server.scheduler import Scheduler
+from imago.server.security import (
+    SecurityConfigError,
+    auth_interceptors,
+    server_credentials,
+    transport_name,
+)
 from imago.server.servicers import (
     SERVICES,
     AlignServicer,
@@ -64,21 +74,37 @@ class Health:
         await self.servicer.set("", overall)
 
 
-def build_server(config: ServeConfig) -> tuple[grpc.aio.Server, WorkerPool, Health]:
-    """Wire servicers, scheduler and pool together; nothing is started yet."""
+def build_server(
+    config: ServeConfig, metrics: Metrics | None = None
+) -> tuple[grpc.aio.Server, WorkerPool, Health]:
+    """Wire servicers, scheduler and pool together, recording into ``metrics``
+    (a registry of their own without); nothing is started yet."""
     limits = config.limits
+    # One list for every interceptor, outermost first. Authentication comes
+    # first so that a call without the right token is refused before anything
+    # else spends work on it; interceptors after it (metrics, request ids)
+    # never see refused calls, which the refusal logs instead.
+    # (Refusals answer any method path a client makes up; counting them would
+    # let anyone without a token add label values to the metrics at will.)
+    if metrics is None:
+        metrics = Metrics()
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        *auth_interceptors(config),
+        ObservabilityInterceptor(metrics),
+    ]
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", limits.max_message_bytes),
             # A second server on the same port must fail to start, not share it.
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     health_status = Health(config)
     models = config.models()
     policies = {spec.name: spec.batch_policy for spec in models}
-    scheduler = Scheduler(limits.max_queue_size, policies)
+    scheduler = Scheduler(limits.max_queue_size, policies, metrics=metrics)
     devices = detect_devices(config.workers, config.cpu_only)
     pool = WorkerPool(
         models,
@@ -86,6 +112,8 @@ def build_server(config: ServeConfig) -> tuple[grpc.aio.Server, WorkerPool, Heal
         scheduler,
         cache_dir=config.cache_dir,
         on_change=health_status.schedule_update,
+        metrics=metrics,
+        watchdog_s=config.watchdogs(),
     )
     health_status.attach(pool)
     dispatcher = Dispatcher(models, scheduler, pool, limits)
@@ -105,20 +133,45 @@ async def serve(config: ServeConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server, pool, health_status = build_server(config)
+    try:
+        credentials = server_credentials(config)
+        metrics = Metrics()
+        server, pool, health_status = build_server(config, metrics)
+    except SecurityConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     # SIGHUP re-reads LoRA adapter directories, as daemons re-read their config.
     loop.add_signal_handler(signal.SIGHUP, pool.reload_adapters)
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         log.error("cannot listen on %s: %s", address, exc)
         await pool.stop()
         return 1
+    if config.metrics_port is not None:
+        # Up before the models load, so that scrapes see the workers come up.
+        try:
+            metrics_port = start_http(metrics, config.host, config.metrics_port)
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%d: %s", config.host, config.metrics_port, exc)
+            await pool.stop()
+            return 1
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     # Listen at once, NOT_SERVING, so probes can tell "loading" from "down".
     await health_status.update()
     await server.start()
-    log.info("listening on %s:%d; loading models (preset %s)", config.host, port, config.preset)
+    log.info(
+        "listening on %s:%d (%s%s); loading models (preset %s)",
+        config.host,
+        port,
+        transport_name(config),
+        ", bearer token" if config.auth_token_file is not None else "",
+        config.preset,
+    )
     exit_code = 0
     try:
         loading = asyncio.create_task(pool.start(config.load_timeout_s))
@@ -137,8 +190,8 @@ async def serve(config: ServeConfig) -> int:
         exit_code = 1
     finally:
         health_status.draining = True
-        await health_status.update()
-        await server.stop(grace=5)
+        # Refuses new calls, then says NOT_SERVING; running and queued requests may finish.
+        await drain(server, pool, config.drain_grace_s, announce=health_status.update)
         await pool.stop()
     return exit_code
 
