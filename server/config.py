@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imago.workers.presets import ModelSpec, preset, with_batching, with_overrides
+from imago.workers.presets import ModelSpec, per_model, preset, with_batching, with_overrides
 
 MiB = 1024 * 1024
 #: Seconds a busy worker may report nothing before it is restarted, unless
@@ -102,18 +101,8 @@ def resolve_watchdogs(
     model, later entries win, models no entry names keep ``default_s``.
     ValueError names an entry with an unknown model or a SECONDS that is not a
     finite number above zero."""
-    seconds = dict.fromkeys(models, default_s)
-    for entry in entries:
-        name, sep, text = entry.rpartition("=")
-        if sep and name not in seconds:
-            known = ", ".join(models)
-            raise ValueError(f"watchdog {entry!r} names unknown model {name!r}; models: {known}")
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"watchdog {entry!r} is not [MODEL=]SECONDS with SECONDS > 0")
-        for key in [name] if sep else models:
-            seconds[key] = value
+    given = per_model(
+        entries, models, "watchdog", float, lambda s: s > 0, "[MODEL=]SECONDS with SECONDS > 0"
+    )
+    seconds = {**dict.fromkeys(models, default_s), **given}
     return seconds

@@ -9,6 +9,7 @@ for the small random-weight checkpoints imago builds itself (see
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 BLIP2 = "blip2"
@@ -118,34 +119,54 @@ def model_for_service(models: tuple[ModelSpec, ...], service: str) -> ModelSpec 
     return None
 
 
+def per_model(
+    entries: tuple[str, ...],
+    models: list[str],
+    what: str,
+    parse: Callable[[str], float],
+    valid: Callable[[float], bool],
+    form: str = "[MODEL=]VALUE with a valid VALUE",
+) -> dict[str, float]:
+    """Values by model name from "[MODEL=]VALUE" entries: a bare VALUE is for
+    every model of ``models``, and later entries win. Models no entry names
+    are left out. ValueError names an entry whose model is unknown or whose
+    VALUE ``parse`` rejects, is not finite, or is not ``valid``; ``what`` and
+    ``form`` word the message."""
+    values: dict[str, float] = {}
+    for entry in entries:
+        name, sep, text = entry.rpartition("=")
+        if sep and name not in models:
+            known = ", ".join(models)
+            raise ValueError(f"{what} {entry!r} names unknown model {name!r}; models: {known}")
+        try:
+            value = parse(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or not valid(value):
+            raise ValueError(f"{what} {entry!r} is not {form}")
+        for key in [name] if sep else models:
+            values[key] = value
+    return values
+
+
 def with_batching(
     models: tuple[ModelSpec, ...], sizes: tuple[str, ...] = (), delays_ms: tuple[str, ...] = ()
 ) -> tuple[ModelSpec, ...]:
     """``models`` with batch limits changed. Each entry is "MODEL=VALUE" for one
     model or a bare "VALUE" for all of them; later entries win. ValueError
     names a malformed entry or an unknown model."""
-    policies = {spec.name: spec.batch_policy for spec in models}
-
-    def apply(entries: tuple[str, ...], what: str, parse, field: str) -> None:
-        for entry in entries:
-            name, sep, text = entry.rpartition("=")
-            names = [name] if sep else list(policies)
-            if sep and name not in policies:
-                known = ", ".join(policies)
-                raise ValueError(f"{what} {entry!r} names unknown model {name!r}; models: {known}")
-            try:
-                value = parse(text)
-            except ValueError:
-                value = None
-            least = 1 if field == "max_batch_size" else 0
-            if value is None or not math.isfinite(value) or value < least:
-                raise ValueError(f"{what} {entry!r} is not [MODEL=]VALUE with a valid VALUE")
-            for key in names:
-                policies[key] = replace(policies[key], **{field: value})
-
-    apply(sizes, "max batch size", int, "max_batch_size")
-    apply(delays_ms, "max batch delay", float, "max_batch_delay_ms")
-    return tuple(replace(spec, batching=policies[spec.name]) for spec in models)
+    names = [spec.name for spec in models]
+    size = per_model(sizes, names, "max batch size", int, lambda n: n >= 1)
+    delay = per_model(delays_ms, names, "max batch delay", float, lambda ms: ms >= 0)
+    changed = []
+    for spec in models:
+        policy = spec.batch_policy
+        if spec.name in size:
+            policy = replace(policy, max_batch_size=int(size[spec.name]))
+        if spec.name in delay:
+            policy = replace(policy, max_batch_delay_ms=delay[spec.name])
+        changed.append(replace(spec, batching=policy))
+    return tuple(changed)
 
 
 def with_overrides(
