@@ -27,8 +27,7 @@ import grpc
 
 from imago.server.config import Limits
 from imago.server.errors import RequestError, from_failure
-from imago.server.logs import set_request_id
-from imago.server.observability import current_request_id
+from imago.server.logs import current_request_id, set_request_id
 from imago.server.pool import WorkerPool
 from imago.server.scheduler import Scheduler, Ticket
 from imago.v1 import common_pb2

@@ -203,9 +203,15 @@ class AlignServicer(align_pb2_grpc.AlignServiceServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._d = dispatcher
 
-    async def _run(self, job: protocol.AlignJob, images: list[bytes], context):
+    async def _run(
+        self,
+        job: protocol.AlignJob,
+        images: list[bytes],
+        context,
+        model: protocol.ModelInfo | None = None,
+    ):
         """Queue ``job`` on the alignment model; its arrays and ResponseInfo."""
-        model = self._d.model(ALIGN)
+        model = model or self._d.model(ALIGN)
         ticket = self._d.ticket(model.name, job, images, deadline_of(context))
         result, frames = await self._d.result(ticket)
         if not isinstance(result, protocol.ArraysResult):
@@ -240,8 +246,9 @@ class AlignServicer(align_pb2_grpc.AlignServiceServicer):
 
     async def Match(self, request, context):
         try:
-            job, images = match_job(request, self._d.model(ALIGN), self._d.limits)
-            arrays, info = await self._run(job, images, context)
+            model = self._d.model(ALIGN)
+            job, images = match_job(request, model, self._d.limits)
+            arrays, info = await self._run(job, images, context, model)
         except RequestError as error:
             await abort(context, error)
             return
