@@ -22,6 +22,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from imago.client.balancing import channel_target
 from imago.client.channels import Security, open_aio_channel, open_channel
 from imago.client.messages import (
     GENERATION_FIELDS,
@@ -76,11 +77,16 @@ class _ClientBase:
     ``token`` is sent as ``authorization: Bearer <token>`` on every call (in
     the clear on a plaintext channel). ``server_name_override`` is the name
     the server's certificate must carry when it is not the target's host.
+
+    ``target`` may name several servers: a DNS name with several addresses
+    (``dns:///imago-headless.ml.svc:50051``), a comma-separated
+    ``HOST:PORT`` list, or a sequence of them. Calls then go to each ready
+    server in turn (gRPC's ``round_robin``); see :mod:`imago.client.balancing`.
     """
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         timeout: float | None = None,
@@ -91,11 +97,13 @@ class _ClientBase:
         token: str | None = None,
         server_name_override: str | None = None,
     ) -> None:
-        self.target = target
+        resolved = channel_target(target)
+        self.target = resolved.uri
         self.timeout = timeout
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            *resolved.options(),
         ]
         security = Security(
             tls=tls,
@@ -105,7 +113,7 @@ class _ClientBase:
             token=token,
             server_name_override=server_name_override,
         )
-        self._channel = self._open(target, options, security)
+        self._channel = self._open(resolved.uri, options, security)
         self._caption = caption_pb2_grpc.CaptionServiceStub(self._channel)
         self._vqa = vqa_pb2_grpc.VqaServiceStub(self._channel)
         self._imagegen = imagegen_pb2_grpc.ImageGenServiceStub(self._channel)

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         default=os.environ.get("IMAGO_TARGET") or DEFAULT_TARGET,
         metavar="HOST:PORT",
-        help="server to talk to (default: $IMAGO_TARGET, else %(default)s)",
+        help="server to talk to; a comma-separated list, or a DNS name with several "
+        "addresses, spreads calls over them (default: $IMAGO_TARGET, else %(default)s)",
     )
     parser.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="deadline of each call (default: none)"

@@ -72,5 +72,10 @@ def security_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def client_from_args(args: argparse.Namespace) -> ImagoClient:
-    """A blocking client for ``--target``, ``--timeout`` and the connection options."""
-    return ImagoClient(args.target, timeout=args.timeout, **security_options(args))
+    """A blocking client for ``--target``, ``--timeout`` and the connection
+    options; InputError for a target that is not a server address (list)."""
+    options = security_options(args)
+    try:
+        return ImagoClient(args.target, timeout=args.timeout, **options)
+    except ValueError as err:
+        raise InputError(str(err)) from None
