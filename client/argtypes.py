@@ -4,6 +4,7 @@ a usage error that says what was wrong."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def uint(text: str) -> int:
@@ -30,4 +31,15 @@ def port(text: str) -> int:
     value = uint(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"not a port number: {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0: {text}")
     return value

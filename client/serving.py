@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imago.client.argtypes import port, positive, uint
+from imago.client.argtypes import port, positive, positive_float, uint
 
 MiB = 1024 * 1024
 
@@ -77,6 +77,13 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         help="after SIGTERM, how long in-flight requests may take to finish (default: 30)",
     )
     p.add_argument(
+        "--max-connection-age-s",
+        type=positive_float,
+        metavar="SECONDS",
+        help="ask clients to reconnect after SECONDS (calls running then finish), so that "
+        "round_robin clients of a scaled deployment find new servers (default: never)",
+    )
+    p.add_argument(
         "--watchdog-s",
         action="append",
         default=[],
@@ -117,7 +124,7 @@ def serve_config(args: argparse.Namespace) -> Any:
 
     keys = (
         "preset", "host", "port", "workers", "cache_dir", "metrics_port", "drain_grace_s",
-        "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
+        "max_connection_age_s", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
     )  # fmt: skip
     kwargs = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     limits = {"max_message_bytes": args.max_message_mb * MiB}

@@ -92,15 +92,16 @@ def build_server(
         *auth_interceptors(config),
         ObservabilityInterceptor(metrics),
     ]
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", limits.max_message_bytes),
-            ("grpc.max_send_message_length", limits.max_message_bytes),
-            # A second server on the same port must fail to start, not share it.
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+    options = [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        # A second server on the same port must fail to start, not share it.
+        ("grpc.so_reuseport", 0),
+    ]
+    if config.max_connection_age_s is not None:
+        # The grace stays unlimited: calls running on an aged connection finish.
+        options.append(("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)))
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     health_status = Health(config)
     models = config.models()
     policies = {spec.name: spec.batch_policy for spec in models}

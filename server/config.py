@@ -68,6 +68,10 @@ class ServeConfig:
     log_format: str = "text"
     # Seconds in-flight requests get to finish after SIGTERM before they are cancelled.
     drain_grace_s: float = 30.0
+    # Seconds after which a client connection is asked to go (GOAWAY) once its
+    # calls end, so that balancing clients re-resolve and find new servers;
+    # None: connections live as long as clients keep them.
+    max_connection_age_s: float | None = None
     # "[MODEL=]SECONDS" entries: a busy worker that reports nothing for this
     # long on MODEL's batch (on every model's, without MODEL=) is killed and
     # restarted. Later entries win.
