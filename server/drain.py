@@ -59,16 +59,22 @@ async def drain(
     if announce is not None:
         await announce()
     idle_since = None
+    busy = pool.busy()
     while not stopping.done() and time.monotonic() < deadline:
         now = time.monotonic()
-        if pool.busy():
+        busy = pool.busy()
+        if busy:
             idle_since = None
         elif idle_since is None:
             idle_since = now
         elif now - idle_since >= FLUSH_S:
             break
         await asyncio.sleep(POLL_S)
-    if pool.busy():
+    # grpc's own stop may end the grace first (on a loaded machine this loop
+    # wakes late): its cancellations leave the pool idle, so work still
+    # running at the last look, with the grace spent, was cut too.
+    overran = stopping.done() and busy and time.monotonic() >= deadline
+    if pool.busy() or overran:
         log.warning("drain grace of %gs is over; cancelling the requests left", grace_s)
     else:
         log.info("drained in %.1fs", time.monotonic() - started)

@@ -200,10 +200,12 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             try:
                 await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
             except Exception:
-                # Sending fails only once the call is over: the client left (or
-                # the server is stopping, which cancels every call anyway).
+                # Sending fails only once the call is over: the client left, its
+                # deadline passed, or the server is stopping, which cancels
+                # every call anyway. Ending as cancelled tells grpc just that
+                # (it would log any other exception as a server error).
                 call.outcome = asyncio.CancelledError()
-                raise
+                raise asyncio.CancelledError() from None
             return call
 
         if inspect.isasyncgenfunction(behaviour):
