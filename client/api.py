@@ -160,16 +160,19 @@ class ImagoClient(_ClientBase):
         image: ImageInput,
         *,
         prefix: str = "",
+        adapter: str = "",
         generation: common_pb2.GenerationSettings | None = None,
         **settings: Any,
     ) -> caption_pb2.CaptionResponse:
         """Captions ``image`` (bytes, path or PIL image).
 
-        ``prefix`` is text the caption must start with. Generation settings
-        come from ``generation`` and/or keywords named after its fields
+        ``prefix`` is text the caption must start with. ``adapter`` names an
+        adapter the server has loaded (``imago serve --caption-adapter-dir``);
+        "" captions with the base model. Generation settings come from
+        ``generation`` and/or keywords named after its fields
         (``max_new_tokens=20``, ``num_beams=3``, ``seed=1`` ...).
         """
-        request = caption_request(image, prefix, generation, **settings)
+        request = caption_request(image, prefix, generation, adapter=adapter, **settings)
         return self._caption.Caption(request, timeout=self.timeout)
 
     def caption_stream(
@@ -191,11 +194,13 @@ class ImagoClient(_ClientBase):
         image: ImageInput,
         question: str,
         *,
+        adapter: str = "",
         generation: common_pb2.GenerationSettings | None = None,
         **settings: Any,
     ) -> vqa_pb2.AskResponse:
-        """Answers ``question`` about ``image``; settings as for :meth:`caption`."""
-        request = ask_request(image, question, generation, **settings)
+        """Answers ``question`` about ``image``; ``adapter`` and settings as
+        for :meth:`caption`."""
+        request = ask_request(image, question, generation, adapter=adapter, **settings)
         return self._vqa.Ask(request, timeout=self.timeout)
 
     def generate(self, prompt: str, **options: Any) -> Iterator[imagegen_pb2.GenerateResponse]:
@@ -288,11 +293,12 @@ class AsyncImagoClient(_ClientBase):
         image: ImageInput,
         *,
         prefix: str = "",
+        adapter: str = "",
         generation: common_pb2.GenerationSettings | None = None,
         **settings: Any,
     ) -> caption_pb2.CaptionResponse:
         """Captions ``image``; see :meth:`ImagoClient.caption`."""
-        request = caption_request(image, prefix, generation, **settings)
+        request = caption_request(image, prefix, generation, adapter=adapter, **settings)
         return await self._caption.Caption(request, timeout=self.timeout)
 
     async def ask(
@@ -300,11 +306,12 @@ class AsyncImagoClient(_ClientBase):
         image: ImageInput,
         question: str,
         *,
+        adapter: str = "",
         generation: common_pb2.GenerationSettings | None = None,
         **settings: Any,
     ) -> vqa_pb2.AskResponse:
         """Answers ``question`` about ``image``; see :meth:`ImagoClient.ask`."""
-        request = ask_request(image, question, generation, **settings)
+        request = ask_request(image, question, generation, adapter=adapter, **settings)
         return await self._vqa.Ask(request, timeout=self.timeout)
 
     def generate(self, prompt: str, **options: Any) -> AsyncIterator[imagegen_pb2.GenerateResponse]:

@@ -76,14 +76,16 @@ def caption_to_file(
     prefix: str,
     settings: dict[str, Any],
     progress: bool = True,
+    adapter: str = "",
 ) -> BulkReport:
-    """Caption every image of ``inputs`` not yet in ``out`` into ``out``."""
+    """Caption every image of ``inputs`` not yet in ``out`` into ``out``,
+    with the server's adapter ``adapter`` ("" for the base model)."""
     done = captioned(out)
     todo = [({"image": str(p)}, p) for p in image_paths(inputs) if str(p) not in done]
 
     def request(key: str, data: bytes, _: dict) -> caption_pb2.CaptionStreamRequest:
         return caption_pb2.CaptionStreamRequest(
-            id=key, request=caption_request(data, prefix, **settings)
+            id=key, request=caption_request(data, prefix, adapter=adapter, **settings)
         )
 
     return _stream_to_file(
@@ -98,9 +100,11 @@ def ask_to_file(
     out: Path,
     settings: dict[str, Any],
     progress: bool = True,
+    adapter: str = "",
 ) -> BulkReport:
     """Ask every question of ``questions`` about every image of ``inputs``,
-    except the pairs already answered in ``out``, into ``out``."""
+    except the pairs already answered in ``out``, into ``out``, with the
+    server's adapter ``adapter`` ("" for the base model)."""
     done = answered(out, "answers", ("image", "question"))
     todo = [
         ({"image": str(p), "question": q}, p)
@@ -111,7 +115,7 @@ def ask_to_file(
 
     def request(key: str, data: bytes, record: dict) -> vqa_pb2.AskStreamRequest:
         return vqa_pb2.AskStreamRequest(
-            id=key, request=ask_request(data, record["question"], **settings)
+            id=key, request=ask_request(data, record["question"], adapter=adapter, **settings)
         )
 
     return _stream_to_file(

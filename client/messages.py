@@ -122,22 +122,30 @@ def caption_request(
     image: ImageInput,
     prefix: str = "",
     generation: common_pb2.GenerationSettings | None = None,
+    *,
+    adapter: str = "",
     **settings: Any,
 ) -> caption_pb2.CaptionRequest:
     """A CaptionRequest; see :meth:`ImagoClient.caption`."""
     gen = generation_settings(generation, **settings)
-    return caption_pb2.CaptionRequest(image=_image_message(image), prefix=prefix, generation=gen)
+    return caption_pb2.CaptionRequest(
+        image=_image_message(image), prefix=prefix, generation=gen, adapter=adapter
+    )
 
 
 def ask_request(
     image: ImageInput,
     question: str,
     generation: common_pb2.GenerationSettings | None = None,
+    *,
+    adapter: str = "",
     **settings: Any,
 ) -> vqa_pb2.AskRequest:
     """An AskRequest; see :meth:`ImagoClient.ask`."""
     gen = generation_settings(generation, **settings)
-    return vqa_pb2.AskRequest(image=_image_message(image), question=question, generation=gen)
+    return vqa_pb2.AskRequest(
+        image=_image_message(image), question=question, generation=gen, adapter=adapter
+    )
 
 
 def generate_request(

@@ -49,6 +49,13 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         "SIGHUP re-reads the directory",
     )
     p.add_argument(
+        "--caption-adapter-dir",
+        type=Path,
+        metavar="DIR",
+        help="load the adapter folders DIR/NAME/ (peft, as imago finetune caption writes them) "
+        "for the BLIP-2 model; SIGHUP re-reads the directory",
+    )
+    p.add_argument(
         "--max-batch-size",
         action="append",
         default=[],
@@ -130,9 +137,15 @@ def serve_config(args: argparse.Namespace) -> Any:
     limits = {"max_message_bytes": args.max_message_mb * MiB}
     if args.max_queue is not None:
         limits["max_queue_size"] = args.max_queue
+    # Adapter directories are extras of their model, as --model ROLE=DIR gives them.
+    overrides = tuple(args.model)
+    if args.lora_dir:
+        overrides += (f"loras={args.lora_dir}",)
+    if args.caption_adapter_dir:
+        overrides += (f"adapters={args.caption_adapter_dir}",)
     return ServeConfig(
         **kwargs,
-        overrides=tuple(args.model) + ((f"loras={args.lora_dir}",) if args.lora_dir else ()),
+        overrides=overrides,
         max_batch_sizes=tuple(args.max_batch_size),
         max_batch_delays_ms=tuple(args.max_batch_delay_ms),
         cpu_only=args.cpu,

@@ -51,7 +51,7 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
         self, request: caption_pb2.CaptionRequest, deadline: float | None = None
     ) -> caption_pb2.CaptionResponse:
         model = self._d.model(CAPTION)
-        job = caption_job(request, self._d.limits)
+        job = caption_job(request, self._d.limits, model)
         image = check_image(request.image, "image", self._d.limits)
         ticket = self._d.ticket(model.name, job, [image], deadline)
         result = await self._d.text_result(ticket)
@@ -83,7 +83,7 @@ class VqaServicer(vqa_pb2_grpc.VqaServiceServicer):
         self, request: vqa_pb2.AskRequest, deadline: float | None = None
     ) -> vqa_pb2.AskResponse:
         model = self._d.model(VQA)
-        job = vqa_job(request, self._d.limits)
+        job = vqa_job(request, self._d.limits, model)
         image = check_image(request.image, "image", self._d.limits)
         ticket = self._d.ticket(model.name, job, [image], deadline)
         result = await self._d.text_result(ticket)

@@ -145,14 +145,48 @@ def _text(field: str, value: str, limits: Limits, *, required: bool) -> str:
     return value
 
 
-def caption_job(request: caption_pb2.CaptionRequest, limits: Limits) -> CaptionJob:
+def _not_loaded(name: str, field: str, model: ModelInfo | None) -> RequestError:
+    """NOT_FOUND for adapter ``name``, naming the adapters ``model`` has loaded."""
+    loaded = ", ".join(model.adapters) if model is not None else ""
+    where = f" for {model.name}" if model is not None else ""
+    return RequestError(
+        grpc.StatusCode.NOT_FOUND,
+        f"no adapter {name!r} is loaded{where} (loaded: {loaded or 'none'})",
+        field,
+    )
+
+
+def _adapter(name: str, model: ModelInfo | None) -> str:
+    """The caption or VQA adapter a request names ("" for the base model). A
+    malformed name is INVALID_ARGUMENT; a well-formed name ``model`` has not
+    loaded (without a model: any name), NOT_FOUND."""
+    if not name:
+        return ""
+    problem = check_adapter_name(name)
+    if problem is not None:
+        raise invalid("adapter", problem)
+    if model is None or name not in model.adapters:
+        raise _not_loaded(name, "adapter", model)
+    return name
+
+
+def caption_job(
+    request: caption_pb2.CaptionRequest, limits: Limits, model: ModelInfo | None = None
+) -> CaptionJob:
+    """Resolve a CaptionRequest; ``model`` is the captioning model, whose
+    loaded adapters the request may name."""
     prefix = _text("prefix", request.prefix, limits, required=False)
-    return CaptionJob(prefix=prefix.strip(), settings=text_settings(request.generation, limits))
+    settings = text_settings(request.generation, limits)
+    adapter = _adapter(request.adapter, model)
+    return CaptionJob(prefix=prefix.strip(), settings=settings, adapter=adapter)
 
 
-def vqa_job(request: vqa_pb2.AskRequest, limits: Limits) -> VqaJob:
+def vqa_job(request: vqa_pb2.AskRequest, limits: Limits, model: ModelInfo | None = None) -> VqaJob:
+    """Resolve an AskRequest; ``model`` as for :func:`caption_job`."""
     question = _text("question", request.question, limits, required=True)
-    return VqaJob(question=question.strip(), settings=text_settings(request.generation, limits))
+    settings = text_settings(request.generation, limits)
+    adapter = _adapter(request.adapter, model)
+    return VqaJob(question=question.strip(), settings=settings, adapter=adapter)
 
 
 def _align_images(images, limits: Limits) -> list[bytes]:
@@ -303,12 +337,7 @@ def _loras(
         if problem is not None:
             raise invalid(field, problem)
         if lora.name not in model.adapters:
-            loaded = ", ".join(model.adapters) or "none"
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND,
-                f"no adapter {lora.name!r} is loaded for {model.name} (loaded: {loaded})",
-                field,
-            )
+            raise _not_loaded(lora.name, field, model)
         if lora.name in chosen:
             raise invalid(field, f"adapter {lora.name!r} is named twice")
         weight = decimal(lora.weight) if lora.HasField("weight") else 1.0

@@ -1,9 +1,11 @@
 """BLIP-2 captioning and visual question answering.
 
 Requests of a batch with the same :func:`batch_key` (their generation settings,
-seed aside) run as one left-padded ``generate`` call, captions and questions
-mixed. Sampled requests always run alone: a seed then gives the same text
-whatever else happened to be batched with it.
+seed aside, and their adapter) run as one left-padded ``generate`` call,
+captions and questions mixed. Sampled requests always run alone: a seed then
+gives the same text whatever else happened to be batched with it. Adapters
+come from the model's adapter directory (see
+:mod:`imago.workers.caption_adapters`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor, StoppingCriteria
 from transformers.generation.utils import GenerateOutput
 
+from imago.workers.caption_adapters import CaptionAdapters
 from imago.workers.protocol import (
     CaptionJob,
     GeneratedText,
@@ -47,6 +51,8 @@ class _Item:
     # Prepended to the decoded continuation (caption prefixes).
     prefix: str
     settings: TextSettings
+    # Adapter to run with; "" for the base model.
+    adapter: str = ""
 
 
 class _StopWhenCancelled(StoppingCriteria):
@@ -110,11 +116,16 @@ class Blip2Runner(Runner):
         # model.dtype reports the first parameter, the fp32 query tokens; the
         # vision tower holds the dtype pixels must arrive in.
         self.pixel_dtype = model.vision_model.dtype
+        self.adapters = CaptionAdapters(model, None, device)
 
     @classmethod
-    def load(cls, name: str, source: str, device: str, **extras: str) -> Blip2Runner:
+    def load(
+        cls, name: str, source: str, device: str, adapters: str = "", **extras: str
+    ) -> Blip2Runner:
+        """Load ``source`` in float16 on CUDA and float32 elsewhere, and the
+        adapter folders in the directory ``adapters`` when given."""
         if extras:
-            raise ValueError(f"BLIP-2 models take no extra sources, got {', '.join(extras)}")
+            raise ValueError(f"unknown extra sources for {name!r}: {', '.join(extras)}")
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         try:
             processor = Blip2Processor.from_pretrained(source)
@@ -130,7 +141,11 @@ class Blip2Runner(Runner):
         # from text_config; generation_config.json (eos "\n" for the COCO
         # checkpoints) would otherwise be ignored.
         model.language_model.generation_config = copy.deepcopy(model.generation_config)
-        return cls(name, source, processor, model, device)
+        runner = cls(name, source, processor, model, device)
+        if adapters:
+            runner.adapters.directory = Path(adapters)
+            runner.reload()
+        return runner
 
     def info(self) -> ModelInfo:
         text_positions = self.model.config.text_config.max_position_embeddings
@@ -139,7 +154,12 @@ class Blip2Runner(Runner):
             family=self.family,
             source=self.source,
             max_prompt_tokens=text_positions - self.model.config.num_query_tokens,
+            adapters=self.adapters.names,
         )
+
+    def reload(self) -> None:
+        """Load the adapter directory afresh: new folders load, removed ones unload."""
+        self.adapters.reload()
 
     def run(self, batch: list[Request], sink: EventSink) -> None:
         groups: dict[object, list[_Item]] = {}
@@ -189,7 +209,7 @@ class Blip2Runner(Runner):
             field = text_field if used + 1 > limit else "generation.max_new_tokens"
             sink.failed(request.request_id, "INVALID_ARGUMENT", message, field)
             return None
-        return _Item(request.request_id, rgb, prompt, prefix, job.settings)
+        return _Item(request.request_id, rgb, prompt, prefix, job.settings, job.adapter)
 
     def _run_group(self, items: list[_Item], sink: EventSink) -> None:
         """One generate call for requests that share settings."""
@@ -201,13 +221,21 @@ class Blip2Runner(Runner):
                 live.append(item)
         if not live:
             return
-        for item in live:
-            sink.started(item.request_id)
         ids = [item.request_id for item in live]
-        settings = live[0].settings
+        settings, adapter = live[0].settings, live[0].adapter
+        if adapter and adapter not in self.adapters.names:
+            # Validated by the frontend, then unloaded by a reload in between.
+            loaded = ", ".join(self.adapters.names) or "none"
+            message = f"no adapter {adapter!r} is loaded for {self.name} (loaded: {loaded})"
+            for rid in ids:
+                sink.failed(rid, "NOT_FOUND", message, "adapter")
+            return
+        for rid in ids:
+            sink.started(rid)
         start = time.perf_counter()
         try:
-            texts = self._generate(live, settings, _StopWhenCancelled(sink, ids))
+            with self.adapters.active(adapter):
+                texts = self._generate(live, settings, _StopWhenCancelled(sink, ids))
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             # The worker frees the memory once the batch is over.
             where = "host" if isinstance(exc, MemoryError) else "accelerator"

@@ -24,6 +24,16 @@ TAESD = "taesd"
 LORAS = "loras"
 #: Role of an IP-Adapter directory (image_encoder/ and one .safetensors file).
 IP_ADAPTER = "ip_adapter"
+#: Role of a directory of peft adapter folders among a BLIP-2 model's extras.
+CAPTION_ADAPTERS = "adapters"
+#: The family each extra role belongs to.
+ROLE_FAMILIES: dict[str, str] = {
+    INPAINT: STABLE_DIFFUSION,
+    TAESD: STABLE_DIFFUSION,
+    LORAS: STABLE_DIFFUSION,
+    IP_ADAPTER: STABLE_DIFFUSION,
+    CAPTION_ADAPTERS: BLIP2,
+}
 
 #: Services each family answers.
 FAMILY_SERVICES: dict[str, tuple[str, ...]] = {
@@ -67,7 +77,7 @@ class ModelSpec:
     batching: BatchPolicy | None = None
     # Further sources by role, as (role, source) pairs the family's runner
     # understands: Stable Diffusion takes ("inpaint", a dedicated inpainting
-    # checkpoint).
+    # checkpoint), BLIP-2 ("adapters", a directory of adapter folders).
     extras: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -180,18 +190,21 @@ def with_overrides(
     "taesd=SOURCE" and "taesd=" do the same for its preview autoencoder, and
     "loras=DIR" and "loras=" for its directory of LoRA adapters, and
     "ip_adapter=DIR" and "ip_adapter=" for the IP-Adapter that restyles by a
-    style image."""
+    style image. "adapters=DIR" and "adapters=" do the same for the BLIP-2
+    model's directory of adapter folders."""
     chosen = {spec.family: spec for spec in models}
     for override in overrides:
         family, sep, source = override.partition("=")
-        if family in (INPAINT, TAESD, LORAS, IP_ADAPTER) and sep:
-            if STABLE_DIFFUSION not in chosen:
-                raise ValueError(f"{override!r}: there is no Stable Diffusion model to give it")
-            spec = chosen[STABLE_DIFFUSION]
+        if family in ROLE_FAMILIES and sep:
+            owner = ROLE_FAMILIES[family]
+            if owner not in chosen:
+                title = {STABLE_DIFFUSION: "Stable Diffusion", BLIP2: "BLIP-2"}[owner]
+                raise ValueError(f"{override!r}: there is no {title} model to give it")
+            spec = chosen[owner]
             extras = tuple((role, extra) for role, extra in spec.extras if role != family)
             if source:
                 extras += ((family, source),)
-            chosen[STABLE_DIFFUSION] = replace(spec, extras=extras)
+            chosen[owner] = replace(spec, extras=extras)
             continue
         if not sep or not source:
             raise ValueError(f"model override {override!r} is not FAMILY=SOURCE")

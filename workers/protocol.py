@@ -34,6 +34,8 @@ class CaptionJob(msgspec.Struct, tag="caption", frozen=True):
 
     prefix: str
     settings: TextSettings
+    # Name of the loaded adapter to run with; "" for the base model.
+    adapter: str = ""
 
 
 class VqaJob(msgspec.Struct, tag="vqa", frozen=True):
@@ -41,6 +43,8 @@ class VqaJob(msgspec.Struct, tag="vqa", frozen=True):
 
     question: str
     settings: TextSettings
+    # Name of the loaded adapter to run with; "" for the base model.
+    adapter: str = ""
 
 
 class TextToImageJob(msgspec.Struct, tag="text_to_image", frozen=True):
@@ -124,9 +128,9 @@ def batch_key(job: Job) -> tuple | None:
     """What must agree for jobs to share one model call, or None for a job that
     always runs alone.
 
-    Greedy and beam-search text jobs batch when their settings agree (the seed
-    plays no part in them), whatever their prompt, question or image: caption
-    and VQA jobs mix. Sampled text runs alone, because transformers draws one
+    Greedy and beam-search text jobs batch when their settings and adapter
+    agree (the seed plays no part in them), whatever their prompt, question or
+    image: caption and VQA jobs mix. Sampled text runs alone, because transformers draws one
     random stream for the whole batch and a seed would then no longer decide
     the text. Image jobs batch when the settings that fix the latent shape and
     the denoising schedule (scheduler included) agree; prompts, seeds, image counts and output or
@@ -138,7 +142,8 @@ def batch_key(job: Job) -> tuple | None:
     if isinstance(job, CaptionJob | VqaJob):
         if job.settings.do_sample:
             return None
-        return ("text", msgspec.structs.replace(job.settings, seed=0))
+        # One model call runs with one adapter (or none) active.
+        return ("text", msgspec.structs.replace(job.settings, seed=0), job.adapter)
     if isinstance(job, ImageToImageJob):
         if job.style_scale > 0:
             return None  # diffusers takes one style image per call
@@ -229,7 +234,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     max_prompt_tokens: int = 0
     # Preview methods this model can run beyond latent_rgb (taesd, full).
     preview_methods: list[str] = []
-    # Names of the LoRA adapters loaded, which requests may apply.
+    # Names of the adapters loaded (LoRAs for image models, peft adapters for
+    # BLIP-2), which requests may apply.
     adapters: list[str] = []
     # Whether an IP-Adapter is loaded, so image-to-image takes a style image.
     style_images: bool = False

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from imago.v1 import common_pb2 as imago_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16imago/v1/caption.proto\x12\x08imago.v1\x1a\x15imago/v1/common.proto\"r\n\x0e\x43\x61ptionRequest\x12\x1e\n\x05image\x18\x01 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x30\n\ngeneration\x18\x03 \x01(\x0b\x32\x1c.imago.v1.GenerationSettings\";\n\rGeneratedText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\x05score\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_score\"~\n\x0f\x43\x61ptionResponse\x12)\n\x08\x63\x61ptions\x18\x01 \x03(\x0b\x32\x17.imago.v1.GeneratedText\x12$\n\x04info\x18\x02 \x01(\x0b\x32\x16.imago.v1.ResponseInfo\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"M\n\x14\x43\x61ptionStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.imago.v1.CaptionRequest\"\x83\x01\n\x15\x43\x61ptionStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.imago.v1.CaptionResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.imago.v1.ItemErrorH\x00\x42\t\n\x07outcome2\xa6\x01\n\x0e\x43\x61ptionService\x12>\n\x07\x43\x61ption\x12\x18.imago.v1.CaptionRequest\x1a\x19.imago.v1.CaptionResponse\x12T\n\rCaptionStream\x12\x1e.imago.v1.CaptionStreamRequest\x1a\x1f.imago.v1.CaptionStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16imago/v1/caption.proto\x12\x08imago.v1\x1a\x15imago/v1/common.proto\"\x83\x01\n\x0e\x43\x61ptionRequest\x12\x1e\n\x05image\x18\x01 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x30\n\ngeneration\x18\x03 \x01(\x0b\x32\x1c.imago.v1.GenerationSettings\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\";\n\rGeneratedText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\x05score\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_score\"~\n\x0f\x43\x61ptionResponse\x12)\n\x08\x63\x61ptions\x18\x01 \x03(\x0b\x32\x17.imago.v1.GeneratedText\x12$\n\x04info\x18\x02 \x01(\x0b\x32\x16.imago.v1.ResponseInfo\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"M\n\x14\x43\x61ptionStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.imago.v1.CaptionRequest\"\x83\x01\n\x15\x43\x61ptionStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.imago.v1.CaptionResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.imago.v1.ItemErrorH\x00\x42\t\n\x07outcome2\xa6\x01\n\x0e\x43\x61ptionService\x12>\n\x07\x43\x61ption\x12\x18.imago.v1.CaptionRequest\x1a\x19.imago.v1.CaptionResponse\x12T\n\rCaptionStream\x12\x1e.imago.v1.CaptionStreamRequest\x1a\x1f.imago.v1.CaptionStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imago.v1.caption_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CAPTIONREQUEST']._serialized_start=59
-  _globals['_CAPTIONREQUEST']._serialized_end=173
-  _globals['_GENERATEDTEXT']._serialized_start=175
-  _globals['_GENERATEDTEXT']._serialized_end=234
-  _globals['_CAPTIONRESPONSE']._serialized_start=236
-  _globals['_CAPTIONRESPONSE']._serialized_end=362
-  _globals['_CAPTIONSTREAMREQUEST']._serialized_start=364
-  _globals['_CAPTIONSTREAMREQUEST']._serialized_end=441
-  _globals['_CAPTIONSTREAMRESPONSE']._serialized_start=444
-  _globals['_CAPTIONSTREAMRESPONSE']._serialized_end=575
-  _globals['_CAPTIONSERVICE']._serialized_start=578
-  _globals['_CAPTIONSERVICE']._serialized_end=744
+  _globals['_CAPTIONREQUEST']._serialized_start=60
+  _globals['_CAPTIONREQUEST']._serialized_end=191
+  _globals['_GENERATEDTEXT']._serialized_start=193
+  _globals['_GENERATEDTEXT']._serialized_end=252
+  _globals['_CAPTIONRESPONSE']._serialized_start=254
+  _globals['_CAPTIONRESPONSE']._serialized_end=380
+  _globals['_CAPTIONSTREAMREQUEST']._serialized_start=382
+  _globals['_CAPTIONSTREAMREQUEST']._serialized_end=459
+  _globals['_CAPTIONSTREAMRESPONSE']._serialized_start=462
+  _globals['_CAPTIONSTREAMRESPONSE']._serialized_end=593
+  _globals['_CAPTIONSERVICE']._serialized_start=596
+  _globals['_CAPTIONSERVICE']._serialized_end=762
 # @@protoc_insertion_point(module_scope)

@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CaptionRequest(_message.Message):
-    __slots__ = ("image", "prefix", "generation")
+    __slots__ = ("image", "prefix", "generation", "adapter")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     image: _common_pb2.Image
     prefix: str
     generation: _common_pb2.GenerationSettings
-    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., prefix: _Optional[str] = ..., generation: _Optional[_Union[_common_pb2.GenerationSettings, _Mapping]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., prefix: _Optional[str] = ..., generation: _Optional[_Union[_common_pb2.GenerationSettings, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class GeneratedText(_message.Message):
     __slots__ = ("text", "score")

@@ -26,21 +26,21 @@ from imago.v1 import caption_pb2 as imago_dot_v1_dot_caption__pb2
 from imago.v1 import common_pb2 as imago_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12imago/v1/vqa.proto\x12\x08imago.v1\x1a\x16imago/v1/caption.proto\x1a\x15imago/v1/common.proto\"p\n\nAskRequest\x12\x1e\n\x05image\x18\x01 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x30\n\ngeneration\x18\x03 \x01(\x0b\x32\x1c.imago.v1.GenerationSettings\"y\n\x0b\x41skResponse\x12(\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x17.imago.v1.GeneratedText\x12$\n\x04info\x18\x02 \x01(\x0b\x32\x16.imago.v1.ResponseInfo\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"E\n\x10\x41skStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x07request\x18\x02 \x01(\x0b\x32\x14.imago.v1.AskRequest\"{\n\x11\x41skStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x08response\x18\x02 \x01(\x0b\x32\x15.imago.v1.AskResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.imago.v1.ItemErrorH\x00\x42\t\n\x07outcome2\x8a\x01\n\nVqaService\x12\x32\n\x03\x41sk\x12\x14.imago.v1.AskRequest\x1a\x15.imago.v1.AskResponse\x12H\n\tAskStream\x12\x1a.imago.v1.AskStreamRequest\x1a\x1b.imago.v1.AskStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12imago/v1/vqa.proto\x12\x08imago.v1\x1a\x16imago/v1/caption.proto\x1a\x15imago/v1/common.proto\"\x81\x01\n\nAskRequest\x12\x1e\n\x05image\x18\x01 \x01(\x0b\x32\x0f.imago.v1.Image\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x30\n\ngeneration\x18\x03 \x01(\x0b\x32\x1c.imago.v1.GenerationSettings\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\"y\n\x0b\x41skResponse\x12(\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x17.imago.v1.GeneratedText\x12$\n\x04info\x18\x02 \x01(\x0b\x32\x16.imago.v1.ResponseInfo\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"E\n\x10\x41skStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x07request\x18\x02 \x01(\x0b\x32\x14.imago.v1.AskRequest\"{\n\x11\x41skStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x08response\x18\x02 \x01(\x0b\x32\x15.imago.v1.AskResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.imago.v1.ItemErrorH\x00\x42\t\n\x07outcome2\x8a\x01\n\nVqaService\x12\x32\n\x03\x41sk\x12\x14.imago.v1.AskRequest\x1a\x15.imago.v1.AskResponse\x12H\n\tAskStream\x12\x1a.imago.v1.AskStreamRequest\x1a\x1b.imago.v1.AskStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imago.v1.vqa_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ASKREQUEST']._serialized_start=79
-  _globals['_ASKREQUEST']._serialized_end=191
-  _globals['_ASKRESPONSE']._serialized_start=193
-  _globals['_ASKRESPONSE']._serialized_end=314
-  _globals['_ASKSTREAMREQUEST']._serialized_start=316
-  _globals['_ASKSTREAMREQUEST']._serialized_end=385
-  _globals['_ASKSTREAMRESPONSE']._serialized_start=387
-  _globals['_ASKSTREAMRESPONSE']._serialized_end=510
-  _globals['_VQASERVICE']._serialized_start=513
-  _globals['_VQASERVICE']._serialized_end=651
+  _globals['_ASKREQUEST']._serialized_start=80
+  _globals['_ASKREQUEST']._serialized_end=209
+  _globals['_ASKRESPONSE']._serialized_start=211
+  _globals['_ASKRESPONSE']._serialized_end=332
+  _globals['_ASKSTREAMREQUEST']._serialized_start=334
+  _globals['_ASKSTREAMREQUEST']._serialized_end=403
+  _globals['_ASKSTREAMRESPONSE']._serialized_start=405
+  _globals['_ASKSTREAMRESPONSE']._serialized_end=528
+  _globals['_VQASERVICE']._serialized_start=531
+  _globals['_VQASERVICE']._serialized_end=669
 # @@protoc_insertion_point(module_scope)

@@ -9,14 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AskRequest(_message.Message):
-    __slots__ = ("image", "question", "generation")
+    __slots__ = ("image", "question", "generation", "adapter")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     image: _common_pb2.Image
     question: str
     generation: _common_pb2.GenerationSettings
-    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., question: _Optional[str] = ..., generation: _Optional[_Union[_common_pb2.GenerationSettings, _Mapping]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., question: _Optional[str] = ..., generation: _Optional[_Union[_common_pb2.GenerationSettings, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("answers", "info", "seed")
