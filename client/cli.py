@@ -23,6 +23,7 @@ from imago.client.argtypes import uint
 from imago.client.bench import add_bench_parser
 from imago.client.bulk import BulkReport, ask_to_file, caption_to_file, image_paths
 from imago.client.connect import add_connection_options, client_from_args
+from imago.client.finetuning import add_finetune_parser
 from imago.client.generating import add_generate_parser
 from imago.client.localfiles import InputError, local, read
 from imago.client.ranking import add_rank_parser
@@ -58,6 +59,15 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=uint, help="seed for sampling, for reproducible output")
 
 
+def _add_adapter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter",
+        default="",
+        metavar="NAME",
+        help="adapter the server loaded (serve --caption-adapter-dir) to use (default: none)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``imago`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -86,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, metavar="FILE", help="append JSON lines here through one bulk stream"
     )
     p.add_argument("--prefix", default="", metavar="TEXT", help="text the caption starts with")
+    _add_adapter_option(p)
     _add_generation_options(p)
     p.add_argument("--json", action="store_true", help="print JSON lines with all details")
     p.set_defaults(func=_caption)
@@ -97,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--questions", type=Path, metavar="FILE", help="questions, one per line")
     p.add_argument("--out", type=Path, metavar="FILE", help="with --questions: JSON lines here")
+    _add_adapter_option(p)
     _add_generation_options(p)
     p.add_argument("--json", action="store_true", help="print a JSON line with all details")
     p.set_defaults(func=_ask)
@@ -119,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rank_parser(sub)
     add_bench_parser(sub)
     add_soak_parser(sub)
+    add_finetune_parser(sub)
     return parser
 
 
@@ -176,7 +189,7 @@ def _caption(args: argparse.Namespace) -> int:
     _check_readable(args.images)
     with _client(args) as client:
         for path in args.images:
-            reply = client.caption(read(path), prefix=args.prefix, **settings)
+            reply = client.caption(read(path), prefix=args.prefix, adapter=args.adapter, **settings)
             if args.json:
                 line = {"image": path, "captions": _texts(reply.captions), **_details(reply)}
                 print(json.dumps(line), flush=True)
@@ -190,7 +203,9 @@ def _caption_to_file(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     with local("append to", args.out), args.out.open("a"):
         pass
     with _client(args) as client:
-        report = caption_to_file(client, args.images, args.out, args.prefix, settings)
+        report = caption_to_file(
+            client, args.images, args.out, args.prefix, settings, adapter=args.adapter
+        )
     return _bulk_done("captioned", report, args.out)
 
 
@@ -204,7 +219,10 @@ def _ask_to_file(args: argparse.Namespace) -> int:
     with local("append to", args.out), args.out.open("a"):
         pass
     with _client(args) as client:
-        report = ask_to_file(client, args.inputs, questions, args.out, generation_options(args))
+        settings = generation_options(args)
+        report = ask_to_file(
+            client, args.inputs, questions, args.out, settings, adapter=args.adapter
+        )
     return _bulk_done("answered", report, args.out)
 
 
@@ -226,7 +244,7 @@ def _ask(args: argparse.Namespace) -> int:
     image, question = args.inputs
     data = read(image)
     with _client(args) as client:
-        reply = client.ask(data, question, **generation_options(args))
+        reply = client.ask(data, question, adapter=args.adapter, **generation_options(args))
     if args.json:
         line = {"image": image, "question": question, "answers": _texts(reply.answers)}
         print(json.dumps({**line, **_details(reply)}))
