@@ -401,3 +401,29 @@ def test_the_command_line_captions_and_asks_with_an_adapter(adapter_server, clie
     )  # fmt: skip
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
     assert "adapter:" in missing.stderr
+
+
+# ------------------------------------------------------------------ the Node.js client
+
+
+def test_the_node_client_captions_and_asks_with_an_adapter(adapter_server, client, tmp_path):
+    from test_node_client import node_cli
+
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes())
+    caption = node_cli(adapter_server.target, "caption", str(image), "--adapter", "ink")
+    assert caption.returncode == 0, caption.stderr
+    assert caption.stdout.strip() == client.caption(png_bytes(), adapter="ink").captions[0].text
+    answer = node_cli(adapter_server.target, "ask", str(image), QUESTION, "--adapter", "ink")
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == client.ask(png_bytes(), QUESTION, adapter="ink").answers[0].text
+
+
+def test_the_node_client_names_an_unknown_adapter(adapter_server, tmp_path):
+    from test_node_client import node_cli
+
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes())
+    result = node_cli(adapter_server.target, "caption", str(image), "--adapter", "nope")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: NOT_FOUND: ") and "\n  adapter: " in result.stderr

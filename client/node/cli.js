@@ -23,9 +23,9 @@ const USAGE = `usage: imago-node [--target HOST:PORT] [--timeout SECONDS] [--tls
                   [--tls-cert PEM --tls-key PEM] [--token-file FILE] COMMAND ...
 
 commands:
-  caption IMAGE [--prefix TEXT] [--num-beams N] [--max-new-tokens N]
-      print a caption of IMAGE (PNG, JPEG or WebP)
-  ask IMAGE QUESTION [--num-beams N] [--max-new-tokens N]
+  caption IMAGE [--prefix TEXT] [--adapter NAME] [--num-beams N] [--max-new-tokens N]
+      print a caption of IMAGE (PNG, JPEG or WebP), with the caption adapter NAME
+  ask IMAGE QUESTION [--adapter NAME] [--num-beams N] [--max-new-tokens N]
       print the answer to QUESTION about IMAGE
   generate PROMPT --out FILE [--steps N] [--seed S] [--width W --height H]
            [--negative TEXT] [--guidance SCALE] [--scheduler NAME]
@@ -49,6 +49,7 @@ const GLOBAL_OPTIONS = {
 };
 
 const TEXT_OPTIONS = {
+  adapter: { type: 'string' },
   'num-beams': { type: 'string' },
   'max-new-tokens': { type: 'string' },
 };
@@ -208,6 +209,7 @@ function clientFromOptions(values) {
 
 function textSettings(values) {
   return {
+    ...(values.adapter !== undefined && { adapter: values.adapter }),
     numBeams: uintOption(values, 'num-beams'),
     maxNewTokens: uintOption(values, 'max-new-tokens'),
   };

@@ -166,7 +166,8 @@ class ImagoClient {
    * Captions one image.
    * @param {Buffer|Uint8Array} image encoded PNG, JPEG or WebP bytes (up to
    *   40 megapixels).
-   * @param {object} [options] `prefix` (text the caption starts with) and
+   * @param {object} [options] `prefix` (text the caption starts with),
+   *   `adapter` (a caption adapter the server loaded; empty: the base model) and
    *   generation settings, each optional: maxNewTokens 1..256 (30),
    *   minNewTokens 0..maxNewTokens, numBeams 1..16 (1), doSample (false),
    *   temperature (0, 10], topP (0, 1], topK 0..1000 (50), repetitionPenalty
@@ -184,7 +185,8 @@ class ImagoClient {
    * "Question: {question} Answer:".
    * @param {Buffer|Uint8Array} image encoded PNG, JPEG or WebP bytes.
    * @param {string} question non-empty.
-   * @param {object} [options] generation settings as for {@link ImagoClient#caption}.
+   * @param {object} [options] `adapter` and generation settings as for
+   *   {@link ImagoClient#caption}.
    * @returns {Promise<object>} the AskResponse: `answers` [{text, score}], `info`, `seed`.
    */
   ask(image, question, options = {}) {

@@ -123,22 +123,25 @@ function generationSettings(options) {
 
 /** A CaptionRequest; see {@link ImagoClient#caption}. */
 function captionRequest(image, options = {}) {
-  checkKnown(options, ['prefix', ...GENERATION_OPTIONS], 'caption option(s)');
-  const { prefix = '', ...settings } = options;
+  checkKnown(options, ['prefix', 'adapter', ...GENERATION_OPTIONS], 'caption option(s)');
+  const { prefix = '', adapter = '', ...settings } = options;
   return {
     image: imageMessage(image, 'image'),
     prefix: String(prefix),
+    adapter: String(adapter),
     generation: generationSettings(settings),
   };
 }
 
 /** An AskRequest; see {@link ImagoClient#ask}. */
 function askRequest(image, question, options = {}) {
-  checkKnown(options, GENERATION_OPTIONS, 'ask option(s)');
+  checkKnown(options, ['adapter', ...GENERATION_OPTIONS], 'ask option(s)');
+  const { adapter = '', ...settings } = options;
   return {
     image: imageMessage(image, 'image'),
     question: String(question),
-    generation: generationSettings(options),
+    adapter: String(adapter),
+    generation: generationSettings(settings),
   };
 }
 
