@@ -15,7 +15,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from PIL import Image
 
 START_TIMEOUT_S = 300
@@ -128,6 +130,18 @@ def server(model_cache, tmp_path_factory):
 def channel(server):
     with grpc.insecure_channel(server.target) as chan:
         yield chan
+
+
+def field_violations(error: grpc.RpcError) -> list[str]:
+    """The fields named by the BadRequest details of a failed call."""
+    status = rpc_status.from_call(error)
+    fields = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            fields += [v.field for v in bad_request.field_violations]
+    return fields
 
 
 def png_bytes(size: tuple[int, int] = (48, 40), color=(200, 30, 60), fmt: str = "PNG") -> bytes:

@@ -15,9 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import png_bytes, start_server
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from conftest import field_violations, png_bytes, start_server
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from PIL import Image
@@ -104,17 +102,6 @@ def plain_client(server):
 def texts(reply) -> list[tuple[str, float]]:
     items = reply.captions if hasattr(reply, "captions") else reply.answers
     return [(item.text, item.score) for item in items]
-
-
-def field_violations(error: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            fields += [v.field for v in bad_request.field_violations]
-    return fields
 
 
 class Sink:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from conftest import png_bytes
+from conftest import field_violations, png_bytes
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from imago.v1 import (
     caption_pb2,
@@ -21,17 +19,6 @@ from imago.v1 import (
 
 GOOD = common_pb2.Image(data=png_bytes())
 Gen = common_pb2.GenerationSettings
-
-
-def field_violations(error: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            fields += [v.field for v in bad_request.field_violations]
-    return fields
 
 
 def assert_invalid(call, request, field: str) -> None:
