@@ -3,7 +3,9 @@ services a server offers before any worker has started.
 
 A model source is a local directory, a Hugging Face hub id, or ``tiny:<kind>``
 for the small random-weight checkpoints imago builds itself (see
-:mod:`imago.workers.tiny`).
+:mod:`imago.workers.tiny`). ``arch:<kind>`` names a full-size random-weight
+architecture that benchmarks build in memory (:mod:`imago.workers.arch`); it
+has no checkpoint, so no preset serves one.
 """
 
 from __future__ import annotations

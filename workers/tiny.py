@@ -60,7 +60,15 @@ def ensure(kind: str, root: Path | None = None) -> Path:
 
 def resolve(source: str, root: Path | None = None) -> str:
     """Turn a ``tiny:<kind>`` source into its local directory; other sources
-    (directories, hub ids) pass through unchanged."""
+    (directories, hub ids) pass through unchanged. ``arch:<kind>`` sources
+    raise ValueError: they are built in memory (:mod:`imago.workers.arch`)
+    and have no checkpoint that ``from_pretrained`` could load."""
+    if source.startswith("arch:"):
+        # Passed through, they would reach the hub as an invalid repository id.
+        raise ValueError(
+            f"{source!r} is a random-weight architecture built in memory by "
+            "imago.workers.arch for benchmarks; it has no checkpoint to load"
+        )
     if source.startswith("tiny:"):
         return str(ensure(source.removeprefix("tiny:"), root))
     return source
