@@ -131,8 +131,24 @@ def _run(args: argparse.Namespace, train: Any, **options: Any) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if not _out_of_memory(err):
+            raise
+        print(
+            f"error: out of memory while training ({err}); lower --batch-size or "
+            "--resolution, or train in half precision on a GPU (--mixed-precision)",
+            file=sys.stderr,
+        )
+        return 1
     print(written)
     return 0
+
+
+def _out_of_memory(err: Exception) -> bool:
+    """Whether ``err`` is the host or the GPU running out of memory."""
+    import torch
+
+    return isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError))
 
 
 def _run_imagegen(args: argparse.Namespace) -> int:
