@@ -100,6 +100,7 @@ def _common(p: argparse.ArgumentParser, family: str, default_steps: int, default
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
+    """The TrainSettings of ``imago finetune`` arguments; ValueError for bad ones."""
     from imago.workers.presets import preset
     from imago.workers.training import TrainSettings
 
@@ -107,21 +108,10 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     if base is None:
         (spec,) = [spec for spec in preset(args.preset) if spec.family == args.family]
         base = spec.source
-    return TrainSettings(
-        data=args.data,
-        out=args.out,
-        base=base,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        rank=args.rank,
-        resolution=getattr(args, "resolution", 512),
-        seed=args.seed,
-        mixed_precision=args.mixed_precision,
-        checkpoint_every=args.checkpoint_every,
-        device=args.device,
-        cache_dir=args.cache_dir,
-    )
+    # Only imagegen has --resolution; caption keeps the settings' default.
+    keys = ("data", "out", "steps", "batch_size", "learning_rate", "rank", "resolution", "seed",
+            "mixed_precision", "checkpoint_every", "device", "cache_dir")  # fmt: skip
+    return TrainSettings(base=base, **{key: getattr(args, key) for key in keys if key in args})
 
 
 def _run(args: argparse.Namespace, train: Any, **options: Any) -> int:

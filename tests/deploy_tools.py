@@ -224,26 +224,38 @@ class Overlay:
 
     def volume_at(self, path: str | Path) -> dict[str, Any]:
         """The volume mounted at ``path`` or at a folder above it."""
-        mounts = sorted(self.container["volumeMounts"], key=lambda m: -len(m["mountPath"]))
-        for mount in mounts:
-            if Path(path).is_relative_to(mount["mountPath"]):
-                (volume,) = [v for v in self.pod["volumes"] if v["name"] == mount["name"]]
-                return volume
-        pytest.fail(f"{self.name}: nothing is mounted at {path}")
+        volume, _ = mount_at(self.pod, self.container, path)
+        return volume
+
+
+def mount_at(
+    pod: dict[str, Any], container: dict[str, Any], path: str | Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The volume of ``pod`` that ``container`` mounts at ``path`` or at the
+    deepest folder above it, and that mount."""
+    mounts = sorted(container["volumeMounts"], key=lambda m: -len(m["mountPath"]))
+    for mount in mounts:
+        if Path(path).is_relative_to(mount["mountPath"]):
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            return volume, mount
+    pytest.fail(f"{container['name']}: nothing is mounted at {path}")
+
+
+def render(directory: Path, name: str, out: Path) -> Overlay:
+    """The kustomization in ``directory`` rendered by `kubectl kustomize`, its
+    YAML written to ``out``/``name``.yaml."""
+    result = run(tool("kubectl"), "kustomize", directory)
+    if result.returncode != 0:
+        pytest.fail(f"kubectl kustomize {directory} failed:\n{result.stderr}")
+    path = out / f"{name}.yaml"
+    path.write_text(result.stdout)
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return Overlay(name, path, docs)
 
 
 def render_overlays(out: Path) -> dict[str, Overlay]:
     """Every overlay rendered by `kubectl kustomize`, its YAML written to ``out``."""
-    overlays = {}
-    for name in OVERLAYS:
-        result = run(tool("kubectl"), "kustomize", DEPLOY / "k8s" / "overlays" / name)
-        if result.returncode != 0:
-            pytest.fail(f"kubectl kustomize {name} failed:\n{result.stderr}")
-        path = out / f"{name}.yaml"
-        path.write_text(result.stdout)
-        docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-        overlays[name] = Overlay(name, path, docs)
-    return overlays
+    return {name: render(DEPLOY / "k8s" / "overlays" / name, name, out) for name in OVERLAYS}
 
 
 def suppressions(overlay: Overlay) -> list[tuple[str, str]]:

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from deploy_tools import (
     DEPLOY,
     Overlay,
     checkov,
     failed_checks,
+    mount_at,
     parse_serve_args,
+    render,
     render_overlays,
     run,
     suppressions,
@@ -30,13 +31,7 @@ SERVE_FLAG_OF_KIND = {"imagegen": "lora_dir", "caption": "caption_adapter_dir"}
 
 @pytest.fixture(scope="module")
 def finetune(tmp_path_factory: pytest.TempPathFactory) -> Overlay:
-    result = run(tool("kubectl"), "kustomize", FINETUNE)
-    if result.returncode != 0:
-        pytest.fail(f"kubectl kustomize {FINETUNE} failed:\n{result.stderr}")
-    path = tmp_path_factory.mktemp("finetune") / "finetune.yaml"
-    path.write_text(result.stdout)
-    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    return Overlay("finetune", path, docs)
+    return render(FINETUNE, "finetune", tmp_path_factory.mktemp("finetune"))
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +56,9 @@ def container(job: dict[str, Any]) -> dict[str, Any]:
 def claim_at(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, bool]:
     """The claim mounted at ``path`` or a folder above it, and whether the
     mount is read-only."""
-    mounts = sorted(container["volumeMounts"], key=lambda m: -len(m["mountPath"]))
-    for mount in mounts:
-        if Path(path).is_relative_to(mount["mountPath"]):
-            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-            assert "persistentVolumeClaim" in volume, f"{path} is not on a claim"
-            return volume["persistentVolumeClaim"]["claimName"], bool(mount.get("readOnly"))
-    pytest.fail(f"nothing is mounted at {path}")
+    volume, mount = mount_at(pod, container, path)
+    assert "persistentVolumeClaim" in volume, f"{path} is not on a claim"
+    return volume["persistentVolumeClaim"]["claimName"], bool(mount.get("readOnly"))
 
 
 def finetune_args(job: dict[str, Any]) -> Any:

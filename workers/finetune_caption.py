@@ -41,6 +41,7 @@ from imago.workers import tiny
 from imago.workers.blip2 import normalise_legacy, vqa_prompt
 from imago.workers.training import (
     Example,
+    Optimizer,
     TrainSettings,
     autocast,
     autocast_dtype,
@@ -48,6 +49,7 @@ from imago.workers.training import (
     load_examples,
     pick_device,
     progress_bar,
+    running_loss,
 )
 
 PARTS = ("qformer", "lora", "both")
@@ -57,10 +59,6 @@ FULL_MODULES = ["qformer", "language_projection"]
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 #: Label of positions that carry no loss (transformers' ignore index).
 IGNORE = -100
-#: Gradient norm clip: one bad batch must not throw the adapter far off.
-MAX_GRAD_NORM = 1.0
-#: Weight of the newest step's loss in the progress bar's running loss.
-_SMOOTHING = 0.05
 
 
 def load_base(
@@ -285,9 +283,7 @@ def fit(
         encode([example], processor, model, [decoded[example.image]])
     peft_model.to(device)
     trained = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=settings.learning_rate)
-    # float16 gradients underflow without loss scaling; bfloat16 needs none.
-    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
+    optimizer = Optimizer(trained, settings.learning_rate, device, half)
     checkpoints = settings.out.with_name(settings.out.name + ".checkpoints")
     order = batches(list(examples), settings.batch_size, settings.seed)
     running = None
@@ -298,14 +294,9 @@ def fit(
             inputs = {key: value.to(device) for key, value in inputs.items()}
             with autocast(device, half):
                 loss = peft_model(**inputs).loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trained, MAX_GRAD_NORM)
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer.step(loss)
             value = float(loss.detach())
-            running = value if running is None else running + _SMOOTHING * (value - running)
+            running = running_loss(running, value)
             bar.set_postfix(loss=f"{running:.4f}")
             bar.update(1)
             if on_step is not None:

@@ -32,6 +32,7 @@ from imago.workers import tiny
 from imago.workers.adapters import SUFFIX
 from imago.workers.training import (
     Example,
+    Optimizer,
     TrainSettings,
     autocast,
     autocast_dtype,
@@ -39,14 +40,11 @@ from imago.workers.training import (
     load_examples,
     pick_device,
     progress_bar,
+    running_loss,
 )
 
 #: The UNet modules the LoRA adapts: every attention layer's projections.
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-#: Gradient norm clip: one bad batch must not throw the adapter far off.
-MAX_GRAD_NORM = 1.0
-#: Weight of the newest step's loss in the progress bar's running loss.
-_SMOOTHING = 0.05
 
 
 @dataclass
@@ -283,9 +281,7 @@ def train(settings: TrainSettings, *, components: Components | None = None) -> P
 
     torch.manual_seed(settings.seed)
     params = add_lora(parts, settings.rank, device, half)
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
-    # fp16 gradients underflow without loss scaling; bf16 has float32's range.
-    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
+    optimizer = Optimizer(params, settings.learning_rate, device, half)
     generator = torch.Generator(device).manual_seed(settings.seed)
     checkpoints = out.with_name(f"{settings.adapter_name}.checkpoints")
     width = max(4, len(str(settings.steps)))  # so that the names sort by step
@@ -305,13 +301,8 @@ def train(settings: TrainSettings, *, components: Components | None = None) -> P
                     f"loss became {value} at step {step}: lower --learning-rate"
                     + (", or train with --mixed-precision bf16 or no" if half else "")
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            scaler.step(optimizer)
-            scaler.update()
-            running = value if running is None else running + _SMOOTHING * (value - running)
+            optimizer.step(loss)
+            running = running_loss(running, value)
             bar.set_postfix(loss=f"{running:.4f}", refresh=False)
             bar.update()
             if settings.checkpoint_every and step % settings.checkpoint_every == 0:

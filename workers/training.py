@@ -27,6 +27,10 @@ from imago.workers.adapters import check_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+#: Gradient norm clip: one bad batch must not throw the adapter far off.
+MAX_GRAD_NORM = 1.0
+#: Weight of the newest step's loss in the progress bar's running loss.
+LOSS_SMOOTHING = 0.05
 
 
 @dataclass(frozen=True)
@@ -191,3 +195,32 @@ def progress_bar(total: int, description: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=description, unit="step", dynamic_ncols=True)
+
+
+class Optimizer:
+    """AdamW over ``params`` with gradient clipping, and the loss scaling
+    that float16 needs (its gradients underflow without it; bfloat16 has
+    float32's range and needs none). ``half`` is the autocast dtype or None."""
+
+    def __init__(self, params: list[Any], learning_rate: float, device: Any, half: Any) -> None:
+        import torch
+
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=learning_rate)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
+
+    def step(self, loss: Any) -> None:
+        """One update from ``loss``: backward, unscale, clip, step."""
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def running_loss(running: float | None, value: float) -> float:
+    """The progress bar's smoothed loss after a step whose loss was ``value``."""
+    return value if running is None else running + LOSS_SMOOTHING * (value - running)
