@@ -350,3 +350,17 @@ def test_client_modules_stay_free_of_torch_and_server():
         "sys.exit(bool(bad))"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_a_connection_age_becomes_the_serve_config_setting():
+    config = serve_config(parse("serve", "--max-connection-age-s", "300"))
+    assert config.max_connection_age_s == 300.0
+    assert serve_config(parse("serve")).max_connection_age_s is None
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "inf", "nan", "soon"])
+def test_a_bad_connection_age_is_a_usage_error_naming_the_option(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse("serve", "--max-connection-age-s", bad)
+    assert exc.value.code == 2
+    assert "--max-connection-age-s" in capsys.readouterr().err
