@@ -10,6 +10,8 @@ Prometheus text on its own port.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -18,6 +20,9 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+
+if TYPE_CHECKING:
+    from imago.workers.protocol import Heartbeat
 
 #: Buckets for request, queue and inference durations, in seconds: from a
 #: cached caption (milliseconds) to a long generation (minutes).
@@ -85,13 +90,32 @@ class Metrics:
         )  # fmt: skip
         self.device_memory = Gauge(
             "imago_device_memory_bytes",
-            "Accelerator memory allocated by the worker on a device (resident memory for cpu).",
+            "Accelerator memory allocated by the workers on a device (their resident memory "
+            "for cpu).",
             ["device"], registry=r,
         )  # fmt: skip
         self.worker_memory = Gauge(
             "imago_worker_resident_memory_bytes", "Resident memory of each worker process.",
             ["worker"], registry=r,
         )  # fmt: skip
+        self.worker_device_memory = Gauge(
+            "imago_worker_device_memory_bytes",
+            "Accelerator memory each worker's tensors hold (resident memory for cpu).",
+            ["worker", "device"], registry=r,
+        )  # fmt: skip
+        self.worker_device_peak = Gauge(
+            "imago_worker_device_memory_peak_bytes",
+            "Most accelerator memory each worker's tensors have held since it started "
+            "(0 for cpu).",
+            ["worker", "device"], registry=r,
+        )  # fmt: skip
+        self.worker_device_reserved = Gauge(
+            "imago_worker_device_memory_reserved_bytes",
+            "Accelerator memory each worker's allocator has reserved from the device (0 for cpu).",
+            ["worker", "device"], registry=r,
+        )  # fmt: skip
+        # Latest (device, bytes) of each worker: a device's figure is their sum.
+        self._on_device: dict[str, tuple[str, int]] = {}
 
     # Recording helpers, named for what happened.
 
@@ -106,13 +130,19 @@ class Metrics:
         for seconds in queue_seconds:
             self.queue_duration.labels(model).observe(seconds)
 
-    def worker_memory_reported(
-        self, worker: str, device: str, resident_bytes: int, device_bytes: int
-    ) -> None:
-        """A worker's latest memory figures; for cpu workers the device's memory
-        is the process's resident memory."""
-        self.worker_memory.labels(worker).set(resident_bytes)
-        self.device_memory.labels(device).set(device_bytes if device != "cpu" else resident_bytes)
+    def worker_memory_reported(self, worker: str, device: str, heartbeat: Heartbeat) -> None:
+        """A worker's latest memory figures. For cpu workers the device
+        memory is the process's resident memory, and a device's figure is the
+        sum over the workers on it."""
+        resident = heartbeat.resident_bytes
+        held = heartbeat.device_bytes if device != "cpu" else resident
+        self.worker_memory.labels(worker).set(resident)
+        self.worker_device_memory.labels(worker, device).set(held)
+        self.worker_device_peak.labels(worker, device).set(heartbeat.device_peak_bytes)
+        self.worker_device_reserved.labels(worker, device).set(heartbeat.device_reserved_bytes)
+        self._on_device[worker] = (device, held)
+        total = sum(bytes_ for on, bytes_ in self._on_device.values() if on == device)
+        self.device_memory.labels(device).set(total)
 
 
 def start_http(metrics: Metrics, host: str, port: int) -> int:

@@ -353,9 +353,7 @@ class WorkerPool:
             return  # left over from a process that has died since
         elif isinstance(message, Heartbeat):
             if self._metrics is not None:
-                self._metrics.worker_memory_reported(
-                    worker.worker_id, worker.device, message.resident_bytes, message.device_bytes
-                )
+                self._metrics.worker_memory_reported(worker.worker_id, worker.device, message)
         elif isinstance(message, AdaptersReloaded):
             worker.models = {info.name: info for info in message.models}
             if message.error:

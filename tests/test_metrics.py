@@ -16,6 +16,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 from conftest import free_port, png_bytes, start_server
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from imago.server.metrics import Metrics
@@ -23,7 +24,7 @@ from imago.server.observability import ObservabilityInterceptor, final_code
 from imago.server.scheduler import Scheduler, Ticket
 from imago.v1 import caption_pb2, caption_pb2_grpc, common_pb2, imagegen_pb2, imagegen_pb2_grpc
 from imago.workers.presets import BatchPolicy
-from imago.workers.protocol import CaptionJob, TextSettings, WorkItem
+from imago.workers.protocol import CaptionJob, Heartbeat, TextSettings, WorkItem
 
 CAPTION = {"service": "imago.v1.CaptionService", "method": "Caption"}
 GENERATE = {"service": "imago.v1.ImageGenService", "method": "Generate"}
@@ -133,6 +134,11 @@ def test_worker_figures_reach_the_scrape(metrics_server, scraped):
     assert value(text, "imago_worker_up", worker="worker-0", device="cpu") == 1
     assert value(text, "imago_worker_resident_memory_bytes", worker="worker-0") > 0
     assert value(text, "imago_device_memory_bytes", device="cpu") > 0
+    on_cpu = {"worker": "worker-0", "device": "cpu"}
+    assert value(text, "imago_worker_device_memory_bytes", **on_cpu) > 0
+    # A CPU worker has no allocator of its own to report.
+    assert value(text, "imago_worker_device_memory_peak_bytes", **on_cpu) == 0
+    assert value(text, "imago_worker_device_memory_reserved_bytes", **on_cpu) == 0
     assert value(text, "imago_denoise_steps_total", model="sd-tiny") >= 2
     assert value(text, "imago_images_generated_total", model="sd-tiny") >= 1
     assert value(text, "imago_time_to_first_preview_seconds_count", model="sd-tiny") >= 1
@@ -329,6 +335,22 @@ class BusyWorkers:
 
     def cancel(self, ticket: Ticket) -> None:
         pass
+
+
+def test_device_memory_is_reported_per_worker_and_summed_per_device():
+    metrics = Metrics()
+    gib = 2**30
+    metrics.worker_memory_reported("worker-0", "cuda:0", Heartbeat(gib, 3 * gib, 4 * gib, 5 * gib))
+    metrics.worker_memory_reported("worker-1", "cuda:0", Heartbeat(gib, 2 * gib, 2 * gib, 2 * gib))
+    metrics.worker_memory_reported("worker-2", "cuda:1", Heartbeat(gib, 1 * gib, 1 * gib, 1 * gib))
+    metrics.worker_memory_reported("worker-0", "cuda:0", Heartbeat(gib, 6 * gib, 7 * gib, 8 * gib))
+    text = generate_latest(metrics.registry).decode()
+    zero = {"worker": "worker-0", "device": "cuda:0"}
+    assert value(text, "imago_worker_device_memory_bytes", **zero) == 6 * gib
+    assert value(text, "imago_worker_device_memory_peak_bytes", **zero) == 7 * gib
+    assert value(text, "imago_worker_device_memory_reserved_bytes", **zero) == 8 * gib
+    assert value(text, "imago_device_memory_bytes", device="cuda:0") == 8 * gib
+    assert value(text, "imago_device_memory_bytes", device="cuda:1") == gib
 
 
 def test_scheduler_keeps_queue_depth_inflight_and_batch_figures():

@@ -190,9 +190,10 @@ class WorkerChannel:
         self.send(Failed(request_id, code, message, field))
 
 
-def memory_usage() -> tuple[int, int]:
-    """This process's resident memory and the memory torch has allocated on
-    its accelerator (0 without one), both in bytes."""
+def memory_usage() -> tuple[int, int, int, int]:
+    """This process's resident memory, and the memory torch's tensors hold on
+    its accelerator now and at most so far, and torch has reserved there (0
+    without one), all in bytes: the fields of a :class:`Heartbeat`."""
     try:
         with open("/proc/self/statm") as statm:
             resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -200,8 +201,10 @@ def memory_usage() -> tuple[int, int]:
         # No /proc: the peak is the best there is (ru_maxrss is in KiB on Linux).
         resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch = sys.modules.get("torch")
-    on_device = torch.cuda.memory_allocated() if torch and torch.cuda.is_initialized() else 0
-    return resident, on_device
+    if not (torch and torch.cuda.is_initialized()):
+        return resident, 0, 0, 0
+    cuda = torch.cuda
+    return resident, cuda.memory_allocated(), cuda.max_memory_allocated(), cuda.memory_reserved()
 
 
 def _die_with_parent() -> None:

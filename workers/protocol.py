@@ -359,11 +359,15 @@ class BatchDone(msgspec.Struct, tag="batch_done", frozen=True):
 class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True):
     """The worker is alive and making progress: sent about once a second while
     idle, after every batch, and between the steps of a long model call. It
-    carries the process's resident memory and the memory torch has allocated
-    on its accelerator (0 on cpu), in bytes."""
+    carries the process's resident memory and, on an accelerator, the memory
+    torch's tensors hold there now, the most they have held since the worker
+    started, and what torch's caching allocator has reserved from the device
+    (what other processes cannot have); all in bytes, the device's 0 on cpu."""
 
     resident_bytes: int = 0
     device_bytes: int = 0
+    device_peak_bytes: int = 0
+    device_reserved_bytes: int = 0
 
 
 FromWorker = Ready | AdaptersReloaded | LoadFailed | Started | Progress | Preview
