@@ -98,6 +98,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         help="restart a busy worker that reports nothing for this long on MODEL (on every "
         "model without MODEL=); repeatable (default: 300)",
     )
+    add_device_options(p)
     tls = p.add_argument_group("security")
     tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain")
     tls.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
@@ -125,9 +126,59 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """The per-model device options: each "[MODEL=]VALUE", for MODEL or for
+    every model it applies to without MODEL=, repeatable, later ones winning."""
+    group = parser.add_argument_group(
+        "device settings ([MODEL=]VALUE, repeatable; without MODEL= for every model)"
+    )
+    group.add_argument(
+        "--dtype",
+        action="append",
+        default=[],
+        metavar="[MODEL=]auto|fp32|fp16|bf16",
+        help="precision of weights and activations (default: auto, fp16 on CUDA, fp32 on CPU)",
+    )
+    group.add_argument(
+        "--attention",
+        action="append",
+        default=[],
+        metavar="[MODEL=]sdpa|eager",
+        help="attention kernel: PyTorch's scaled_dot_product_attention or plain "
+        "matmul-softmax-matmul (default: sdpa)",
+    )
+    switches = {
+        "--channels-last": "Stable Diffusion: store UNet and VAE weights NHWC",
+        "--vae-slicing": "Stable Diffusion: decode a batch one image at a time (less memory)",
+        "--vae-tiling": "Stable Diffusion: decode large images in tiles (less memory)",
+    }
+    for flag, text in switches.items():
+        group.add_argument(
+            flag,
+            action="append",
+            default=[],
+            nargs="?",
+            const="on",
+            metavar="[MODEL=]on|off",
+            help=f"{text}; alone it means on (default: off)",
+        )
+    group.add_argument(
+        "--compile",
+        action="append",
+        default=[],
+        nargs="?",
+        const="default",
+        metavar="[MODEL=]MODE",
+        help="Stable Diffusion: torch.compile the UNet and VAE decoder in MODE (default, "
+        "reduce-overhead, max-autotune, max-autotune-no-cudagraphs; off), warmed up before "
+        "the server reports ready; alone it means default (default: off)",
+    )
+
+
 def serve_config(args: argparse.Namespace) -> Any:
     """The ``ServeConfig`` of ``imago serve`` arguments; unset ones keep its defaults."""
     from imago.server.config import Limits, ServeConfig
+    from imago.workers.settings import SettingEntries
 
     keys = (
         "preset", "host", "port", "workers", "cache_dir", "metrics_port", "drain_grace_s",
@@ -148,6 +199,9 @@ def serve_config(args: argparse.Namespace) -> Any:
         overrides=overrides,
         max_batch_sizes=tuple(args.max_batch_size),
         max_batch_delays_ms=tuple(args.max_batch_delay_ms),
+        device_settings=SettingEntries(
+            **{key: tuple(getattr(args, key)) for key in SettingEntries.__dataclass_fields__}
+        ),
         cpu_only=args.cpu,
         limits=Limits(**limits),
         watchdog_s=tuple(args.watchdog_s),

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imago.workers.presets import ModelSpec, per_model, preset, with_batching, with_overrides
+from imago.workers.settings import SettingEntries, with_device_settings
 
 MiB = 1024 * 1024
 #: Seconds a busy worker may report nothing before it is restarted, unless
@@ -52,6 +53,8 @@ class ServeConfig:
     max_batch_sizes: tuple[str, ...] = ()
     # "[MODEL=]MS" entries overriding the family's max_batch_delay_ms.
     max_batch_delays_ms: tuple[str, ...] = ()
+    # Per-model device options (--dtype, --compile, ...) as given.
+    device_settings: SettingEntries = field(default_factory=SettingEntries)
     host: str = "0.0.0.0"
     port: int = 50051
     # CPU worker processes when no CUDA device is present (one per device otherwise).
@@ -88,10 +91,11 @@ class ServeConfig:
     auth_health: bool = False
 
     def models(self) -> tuple[ModelSpec, ...]:
-        """The models to serve with their batching; ValueError for an unknown
-        preset or a malformed override."""
+        """The models to serve with their batching and device settings;
+        ValueError for an unknown preset or a malformed override or option."""
         models = with_overrides(preset(self.preset), self.overrides)
-        return with_batching(models, self.max_batch_sizes, self.max_batch_delays_ms)
+        models = with_batching(models, self.max_batch_sizes, self.max_batch_delays_ms)
+        return with_device_settings(models, self.device_settings)
 
     def watchdogs(self) -> dict[str, float]:
         """Watchdog seconds for every model served; ValueError as :func:`resolve_watchdogs`."""

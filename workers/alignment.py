@@ -31,6 +31,8 @@ from PIL import Image
 from torch.nn import functional
 from transformers import Blip2ForImageTextRetrieval, Blip2Processor
 
+from imago.workers.device_setup import set_transformers_attention, torch_dtype
+from imago.workers.presets import DeviceSettings
 from imago.workers.protocol import ArrayMeta, EmbedImagesJob, EmbedTextsJob, MatchJob, ModelInfo
 from imago.workers.runner import EventSink, Request, Runner
 
@@ -86,10 +88,19 @@ class Blip2AlignRunner(Runner):
         self.max_text_tokens = model.config.qformer_config.max_position_embeddings
 
     @classmethod
-    def load(cls, name: str, source: str, device: str, **extras: str) -> Blip2AlignRunner:
+    def load(
+        cls,
+        name: str,
+        source: str,
+        device: str,
+        settings: DeviceSettings | None = None,
+        **extras: str,
+    ) -> Blip2AlignRunner:
+        """Load ``source`` with the precision and attention ``settings`` name."""
         if extras:
             raise ValueError(f"BLIP-2 models take no extra sources, got {', '.join(extras)}")
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        settings = settings or DeviceSettings()
+        dtype = torch_dtype(settings.dtype, device)
         try:
             processor = Blip2Processor.from_pretrained(source)
             model, loading = Blip2ForImageTextRetrieval.from_pretrained(
@@ -106,6 +117,7 @@ class Blip2AlignRunner(Runner):
                 f"(no {', '.join(sorted(projections))}); {name!r} cannot serve alignment"
             )
         has_itm = not any(key.startswith("itm_head.") for key in missing)
+        set_transformers_attention(model, settings.attention)
         model.to(device).eval()
         # BERT reads [CLS] at position 0, so pads go on the right.
         processor.tokenizer.padding_side = "right"

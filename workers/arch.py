@@ -38,6 +38,7 @@ import torch
 if TYPE_CHECKING:
     from diffusers import (
         AutoencoderKL,
+        AutoencoderTiny,
         PNDMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
@@ -172,6 +173,7 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
 # parts of one pipeline start from the same random stream.
 _UNET_SEED_OFFSET = 1
 _VAE_SEED_OFFSET = 2
+_TAESD_SEED_OFFSET = 3
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -355,6 +357,17 @@ def build_sd15_pipeline(
     )
 
 
+def build_taesd(
+    device: str | torch.device = "cuda", dtype: torch.dtype | None = None, seed: int = 0
+) -> AutoencoderTiny:
+    """TAESD, the tiny autoencoder imago previews with (diffusers'
+    AutoencoderTiny defaults are its architecture), with random weights."""
+    from diffusers import AutoencoderTiny
+
+    with _building(device, dtype or default_dtype(device), seed + _TAESD_SEED_OFFSET):
+        return AutoencoderTiny().eval()
+
+
 #: What each ``arch:<kind>`` source builds, from (device, dtype, seed). The
 #: tokenizer and scheduler have no weights and ignore all three.
 SOURCES: dict[str, Callable[[str | torch.device, torch.dtype | None, int], Any]] = {
@@ -365,6 +378,7 @@ SOURCES: dict[str, Callable[[str | torch.device, torch.dtype | None, int], Any]]
     "sd15-text-encoder": build_sd15_text_encoder,
     "sd15-tokenizer": lambda device, dtype, seed: sd15_tokenizer(),
     "sd15-scheduler": lambda device, dtype, seed: sd15_scheduler(),
+    "taesd": build_taesd,
 }
 
 

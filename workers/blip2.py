@@ -22,7 +22,10 @@ from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor, StoppingCriteria
 from transformers.generation.utils import GenerateOutput
 
+from imago.workers import arch
 from imago.workers.caption_adapters import CaptionAdapters
+from imago.workers.device_setup import set_transformers_attention, torch_dtype
+from imago.workers.presets import DeviceSettings
 from imago.workers.protocol import (
     CaptionJob,
     GeneratedText,
@@ -120,19 +123,37 @@ class Blip2Runner(Runner):
 
     @classmethod
     def load(
-        cls, name: str, source: str, device: str, adapters: str = "", **extras: str
+        cls,
+        name: str,
+        source: str,
+        device: str,
+        settings: DeviceSettings | None = None,
+        adapters: str = "",
+        **extras: str,
     ) -> Blip2Runner:
-        """Load ``source`` in float16 on CUDA and float32 elsewhere, and the
-        adapter folders in the directory ``adapters`` when given."""
+        """Load ``source`` (a checkpoint, or an ``arch:`` source built on the
+        device with random weights) with the precision and attention
+        ``settings`` name, and the adapter folders in the directory
+        ``adapters`` when given."""
         if extras:
             raise ValueError(f"unknown extra sources for {name!r}: {', '.join(extras)}")
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        try:
-            processor = Blip2Processor.from_pretrained(source)
-            model = Blip2ForConditionalGeneration.from_pretrained(source, dtype=dtype)
-            normalise_legacy(processor, model)
-        except (OSError, ValueError) as exc:
-            raise OSError(f"cannot load BLIP-2 model {name!r} from {source!r}: {exc}") from exc
+        settings = settings or DeviceSettings()
+        dtype = torch_dtype(settings.dtype, device)
+        if arch.is_arch(source):
+            built = arch.build(source, device, dtype)
+            if not isinstance(built, tuple) or not isinstance(
+                built[0], Blip2ForConditionalGeneration
+            ):
+                raise ValueError(f"{source!r} does not build a BLIP-2 model")
+            model, processor = built
+        else:
+            try:
+                processor = Blip2Processor.from_pretrained(source)
+                model = Blip2ForConditionalGeneration.from_pretrained(source, dtype=dtype)
+                normalise_legacy(processor, model)
+            except (OSError, ValueError) as exc:
+                raise OSError(f"cannot load BLIP-2 model {name!r} from {source!r}: {exc}") from exc
+        set_transformers_attention(model, settings.attention)
         model.to(device).eval()
         # Decoder-only OPT continues from the last position: right padding
         # would put pads between the prompt and the answer.

@@ -41,9 +41,10 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
 from imago.workers.adapters import apply_adapters, sync_adapters
+from imago.workers.device_setup import compile_pipeline, prepare_pipeline, torch_dtype
 from imago.workers.inputs import InputError, job_inputs
 from imago.workers.parameters import SAMPLER_LABELS, parameters_text
-from imago.workers.presets import STABLE_DIFFUSION
+from imago.workers.presets import STABLE_DIFFUSION, DeviceSettings
 from imago.workers.previews import (
     X0Capture,
     encode_image,
@@ -60,36 +61,10 @@ from imago.workers.protocol import (
 )
 from imago.workers.runner import Cancelled, EventSink, Request, Runner
 from imago.workers.schedulers import SCHEDULERS
+from imago.workers.sd_loading import load_ip_adapter, load_pipeline, load_taesd
 from imago.workers.steps import Member, StepReporter
 
 logger = logging.getLogger(__name__)
-
-
-def _load(pipeline_class: type[DiffusionPipeline], name: str, source: str, dtype: torch.dtype):
-    try:
-        # trust_remote_code stays at its default (off): a checkpoint may not
-        # bring its own pipeline code.
-        return pipeline_class.from_pretrained(source, dtype=dtype)
-    except Exception as exc:
-        raise RuntimeError(
-            f"cannot load Stable Diffusion model {name!r} from {source!r}: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def _load_ip_adapter(pipe: StableDiffusionPipeline, directory: Path, name: str) -> None:
-    weights = sorted(directory.glob("*.safetensors"))
-    if len(weights) != 1 or not (directory / "image_encoder").is_dir():
-        raise ValueError(
-            f"IP-Adapter directory {str(directory)!r} for {name!r} needs image_encoder/ and "
-            "exactly one .safetensors file"
-        )
-    pipe.load_ip_adapter(
-        str(directory),
-        subfolder="",
-        weight_name=weights[0].name,
-        image_encoder_folder="image_encoder",
-    )
 
 
 @contextmanager
@@ -163,48 +138,71 @@ class StableDiffusionRunner(Runner):
         name: str,
         source: str,
         device: str,
+        settings: DeviceSettings | None = None,
         inpaint: str = "",
         taesd: str = "",
         loras: str = "",
         ip_adapter: str = "",
         **extras: str,
     ) -> StableDiffusionRunner:
-        """Load ``source`` (a diffusers directory or a hub id), the dedicated
-        inpainting checkpoint ``inpaint`` and the preview autoencoder ``taesd``
-        when given, in float16 on CUDA and float32 elsewhere, the LoRA
-        adapters in the directory ``loras``, and the IP-Adapter in the
-        directory ``ip_adapter`` (``image_encoder/`` and one .safetensors)."""
+        """Load ``source`` (a diffusers directory, a hub id or an ``arch:``
+        source), the dedicated inpainting checkpoint ``inpaint`` and the
+        preview autoencoder ``taesd`` when given, the LoRA adapters in the
+        directory ``loras``, and the IP-Adapter in the directory
+        ``ip_adapter`` (``image_encoder/`` and one .safetensors), all as
+        ``settings`` say. With compilation on, call :meth:`warm_up` before
+        serving."""
         if extras:
             raise ValueError(f"unknown extra sources for {name!r}: {', '.join(extras)}")
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        settings = settings or DeviceSettings()
+        dtype = torch_dtype(settings.dtype, device)
         # Its loading bar would interleave with other workers' lines in the server log.
         diffusers_logging.disable_progress_bar()
-        pipe = _load(StableDiffusionPipeline, name, source, dtype).to(device)
+        pipe = load_pipeline(StableDiffusionPipeline, name, source, device, dtype)
         pipe.set_progress_bar_config(disable=True)
+        prepare_pipeline(pipe, settings)
         dedicated = None
         if inpaint:
-            dedicated = _load(StableDiffusionInpaintPipeline, name, inpaint, dtype).to(device)
+            dedicated = load_pipeline(StableDiffusionInpaintPipeline, name, inpaint, device, dtype)
             channels = dedicated.unet.config.in_channels
             if channels != 9:
                 raise ValueError(
                     f"{inpaint!r} is not an inpainting checkpoint: its UNet takes "
                     f"{channels} channels, not 9"
                 )
-        tiny_decoder = None
-        if taesd:
-            try:
-                tiny_decoder = AutoencoderTiny.from_pretrained(taesd, dtype=dtype).to(device)
-            except Exception as exc:
-                raise RuntimeError(f"cannot load TAESD for {name!r} from {taesd!r}: {exc}") from exc
+            prepare_pipeline(dedicated, settings)
+        tiny_decoder = load_taesd(name, taesd, device, dtype) if taesd else None
         if ip_adapter:
-            _load_ip_adapter(pipe, Path(ip_adapter), name)
+            # Its attention processors replace those prepare_pipeline chose.
+            load_ip_adapter(pipe, Path(ip_adapter), name)
         # Built after the IP-Adapter, so that every pipeline sharing the UNet
         # also gets its image encoder.
         runner = cls(name, source, pipe, dedicated, tiny_decoder)
         if loras:
             runner.lora_dir = Path(loras)
             runner.reload()
+        if settings.compile != "off":
+            # Last: nothing may change the modules once they are compiled.
+            compile_pipeline(pipe, settings.compile)
         return runner
+
+    def warm_up(self) -> None:
+        """Run the text-to-image calls whose shapes requests at the default
+        size bring, two steps each: one image with guidance (the UNet sees a
+        batch of 2), two images (4, after which torch treats the batch size
+        as dynamic and every larger batch reuses that graph) and one image
+        without guidance (1, which torch always specialises on). The VAE
+        decoder sees batches of 1 and 2 on the way. Outputs are dropped."""
+        size = self.info().default_size
+        for images, guidance in ((1, 7.5), (2, 7.5), (1, 1.0)):
+            self.pipe(
+                prompt=[""] * images,
+                num_inference_steps=2,
+                guidance_scale=guidance,
+                height=size,
+                width=size,
+                generator=torch.Generator("cpu").manual_seed(0),
+            )
 
     def info(self) -> ModelInfo:
         return ModelInfo(

@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
 import zmq
@@ -216,19 +217,44 @@ def _die_with_parent() -> None:
 
 
 def load_runners(specs: list[ModelSpec], device: str, cache_dir: str | None) -> dict:
-    from imago.workers import tiny
+    """Load every model of ``specs`` on ``device`` as its device settings say,
+    warming up those that are compiled; RuntimeError naming a model that
+    could not be loaded."""
+    from imago.workers import arch, tiny
+    from imago.workers.device_setup import device_memory_bytes, dtype_name
+
+    root = Path(cache_dir) if cache_dir else None
+
+    def resolve(source: str) -> str:
+        # Architectures have no checkpoint: the runner builds them on the device.
+        return source if arch.is_arch(source) else tiny.resolve(source, root)
 
     runners = {}
     for spec in specs:
         module_name, class_name = FAMILIES[spec.family].split(":")
         runner_class = getattr(importlib.import_module(module_name), class_name)
-        root = Path(cache_dir) if cache_dir else None
+        started, before = time.monotonic(), device_memory_bytes(device)
         try:
-            source = tiny.resolve(spec.source, root)
-            extras = {role: tiny.resolve(extra, root) for role, extra in spec.extras}
-            runners[spec.name] = runner_class.load(spec.name, source, device, **extras)
+            source = resolve(spec.source)
+            extras = {role: resolve(extra) for role, extra in spec.extras}
+            runner = runner_class.load(spec.name, source, device, spec.settings, **extras)
+            loaded = time.monotonic()
+            if spec.settings.compile != "off":
+                runner.warm_up()
+                log.info("compiled and warmed up %s in %.1fs", spec.name, time.monotonic() - loaded)
         except Exception as exc:
             raise RuntimeError(f"model {spec.name!r} could not be loaded: {exc}") from exc
+        gib = (device_memory_bytes(device) - before) / 2**30
+        held = f", {gib:.2f} GiB of device memory" if device != "cpu" else ""
+        log.info(
+            "%s on %s (%s) in %.1fs%s",
+            spec.name,
+            device,
+            replace(spec.settings, dtype=dtype_name(spec.settings.dtype, device)).describe(),
+            loaded - started,
+            held,
+        )
+        runners[spec.name] = runner
     return runners
 
 

@@ -4,8 +4,10 @@ services a server offers before any worker has started.
 A model source is a local directory, a Hugging Face hub id, or ``tiny:<kind>``
 for the small random-weight checkpoints imago builds itself (see
 :mod:`imago.workers.tiny`). ``arch:<kind>`` names a full-size random-weight
-architecture that benchmarks build in memory (:mod:`imago.workers.arch`); it
-has no checkpoint, so no preset serves one.
+architecture (:mod:`imago.workers.arch`) that the worker builds directly on
+its device, with no checkpoint: it costs what the real model costs per step
+and per token, so the ``arch`` presets are for measuring speed and memory
+where weights cannot be downloaded. Their outputs are noise.
 """
 
 from __future__ import annotations
@@ -68,6 +70,54 @@ FAMILY_BATCHING: dict[str, BatchPolicy] = {
 }
 
 
+#: Precisions by name; "auto" is float16 on CUDA and float32 elsewhere.
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+#: Attention kernels: PyTorch's scaled_dot_product_attention (flash or
+#: memory-efficient kernels where the device has them) or the libraries'
+#: plain matmul-softmax-matmul.
+ATTENTIONS = ("sdpa", "eager")
+#: torch.compile modes; "off" runs eagerly.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """How one model runs on its worker's device.
+
+    ``dtype`` is the precision of the weights and activations (BLIP-2's
+    Q-Former stays float32 in float16, as its checkpoints ask). ``attention``
+    picks the attention kernel. ``channels_last`` stores the Stable Diffusion
+    UNet's and VAE's convolution weights NHWC, which tensor cores prefer.
+    ``compile`` is a torch.compile mode for the UNet and the VAE decoder; the
+    worker warms the compiled model up before it reports ready. ``vae_slicing``
+    decodes a batch one image at a time and ``vae_tiling`` decodes large
+    images in overlapping tiles: both bound the decoder's peak memory.
+    """
+
+    dtype: str = "auto"
+    attention: str = "sdpa"
+    channels_last: bool = False
+    compile: str = "off"
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+
+    def describe(self) -> str:
+        """One line for the log, e.g. "fp16, sdpa, channels_last, compile=default"."""
+        parts = [self.dtype, self.attention]
+        parts += [
+            name
+            for name, on in (
+                ("channels_last", self.channels_last),
+                ("vae_slicing", self.vae_slicing),
+                ("vae_tiling", self.vae_tiling),
+            )
+            if on
+        ]
+        if self.compile != "off":
+            parts.append(f"compile={self.compile}")
+        return ", ".join(parts)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A model a server loads: its name in the API, its family, its source and
@@ -81,11 +131,15 @@ class ModelSpec:
     # understands: Stable Diffusion takes ("inpaint", a dedicated inpainting
     # checkpoint), BLIP-2 ("adapters", a directory of adapter folders).
     extras: tuple[tuple[str, str], ...] = ()
+    settings: DeviceSettings = DeviceSettings()
 
     @property
     def batch_policy(self) -> BatchPolicy:
         return self.batching or FAMILY_BATCHING[self.family]
 
+
+_BLIP2_ARCH = ModelSpec("blip2-opt-2.7b-arch", BLIP2, "arch:blip2-opt-2.7b")
+_SD15_ARCH = ModelSpec("sd15-arch", STABLE_DIFFUSION, "arch:sd15", extras=((TAESD, "arch:taesd"),))
 
 PRESETS: dict[str, tuple[ModelSpec, ...]] = {
     "tiny": (
@@ -111,6 +165,9 @@ PRESETS: dict[str, tuple[ModelSpec, ...]] = {
         ),
         ModelSpec("blip2-itm-vit-g", BLIP2_ALIGN, "Salesforce/blip2-itm-vit-g"),
     ),
+    "arch": (_BLIP2_ARCH, _SD15_ARCH),
+    "blip2-opt-2.7b-arch": (_BLIP2_ARCH,),
+    "sd15-arch": (_SD15_ARCH,),
 }
 
 
@@ -131,6 +188,16 @@ def model_for_service(models: tuple[ModelSpec, ...], service: str) -> ModelSpec 
     return None
 
 
+def split_entry(entry: str, models: list[str], what: str) -> tuple[str, str]:
+    """(MODEL, VALUE) of a "[MODEL=]VALUE" entry, MODEL "" when bare;
+    ValueError, worded with ``what``, when MODEL is not one of ``models``."""
+    name, sep, text = entry.rpartition("=")
+    if sep and name not in models:
+        known = ", ".join(models)
+        raise ValueError(f"{what} {entry!r} names unknown model {name!r}; models: {known}")
+    return name, text
+
+
 def per_model(
     entries: tuple[str, ...],
     models: list[str],
@@ -146,17 +213,14 @@ def per_model(
     ``form`` word the message."""
     values: dict[str, float] = {}
     for entry in entries:
-        name, sep, text = entry.rpartition("=")
-        if sep and name not in models:
-            known = ", ".join(models)
-            raise ValueError(f"{what} {entry!r} names unknown model {name!r}; models: {known}")
+        name, text = split_entry(entry, models, what)
         try:
             value = parse(text)
         except ValueError:
             value = math.nan
         if not math.isfinite(value) or not valid(value):
             raise ValueError(f"{what} {entry!r} is not {form}")
-        for key in [name] if sep else models:
+        for key in [name] if name else models:
             values[key] = value
     return values
 

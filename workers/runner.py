@@ -16,6 +16,7 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from imago.workers.presets import DeviceSettings
 from imago.workers.protocol import ArrayMeta, GeneratedText, ImageMeta, Job, ModelInfo
 
 log = logging.getLogger("imago.worker")
@@ -96,11 +97,24 @@ class Runner(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, name: str, source: str, device: str, **extras: str) -> Runner:
-        """Load the model named ``name`` from ``source`` (a local directory or
-        a hub id) onto ``device`` ("cpu", "cuda"). ``extras`` are further
-        sources by role (see ModelSpec.extras); a role the family does not
-        know is a ValueError."""
+    def load(
+        cls,
+        name: str,
+        source: str,
+        device: str,
+        settings: DeviceSettings | None = None,
+        **extras: str,
+    ) -> Runner:
+        """Load the model named ``name`` from ``source`` (a local directory, a
+        hub id or an ``arch:`` source) onto ``device`` ("cpu", "cuda"), as
+        ``settings`` say (None: the defaults). ``extras`` are further sources
+        by role (see ModelSpec.extras); a role the family does not know is a
+        ValueError."""
+
+    def warm_up(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Run the model once on the shapes requests will bring, so that
+        compilation happens before serving. Called after ``load`` when the
+        model is compiled; nothing to do by default."""
 
     def reload(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Re-read what may change while serving (e.g. adapter directories).
