@@ -21,8 +21,10 @@ call stops before the VAE decode.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from imago.workers.previews import (
     latents_to_rgb,
     mime_type,
 )
+from imago.workers.prompts import truncation_warnings
 from imago.workers.protocol import (
     ImageMeta,
     ImageToImageJob,
@@ -120,6 +123,7 @@ class StableDiffusionRunner(Runner):
         )
         for extra in (self.img2img, self.inpaint):
             extra.set_progress_bar_config(disable=True)
+        self._encoder = ThreadPoolExecutor(min(8, os.cpu_count() or 1), "encode")
 
     def scheduler_template(self, name: str) -> SchedulerMixin:
         """The scheduler called ``name`` (see imago.workers.schedulers), built once
@@ -292,7 +296,7 @@ class StableDiffusionRunner(Runner):
             member.row, row = row, row + member.job.num_images
             sink.started(member.request_id, total_steps=steps_run)
             notes = member.inputs.notes if member.inputs else []
-            member.warnings = notes + self._truncation_warnings(member.job)
+            member.warnings = notes + truncation_warnings(self.pipe.tokenizer, member.job)
         rows = [(member, i) for member in members for i in range(member.job.num_images)]
         arguments: dict[str, Any] = {
             "prompt": [member.job.prompt for member, _ in rows],
@@ -339,7 +343,13 @@ class StableDiffusionRunner(Runner):
         # A safety checker, where the checkpoint has one, blacks out what it
         # flags; say so rather than return a silent black image.
         flags = output.nsfw_content_detected or [False] * len(output.images)
-        for member in reporter.live():
+        live = reporter.live()
+        rows = [(member, i) for member in live for i in range(member.job.num_images)]
+        # Encoding (PNG above all) costs tens of ms an image and releases the
+        # GIL: the images of a batch are encoded side by side.
+        pictures = [output.images[member.row + i] for member, i in rows]
+        encoded = iter(self._encoder.map(self._encode, rows, pictures))
+        for member in live:
             job = member.job
             end = member.row + job.num_images
             mime = mime_type(job.output_format)
@@ -349,12 +359,7 @@ class StableDiffusionRunner(Runner):
                     ImageMeta(
                         job.seed + i, mime, image.width, image.height, bool(flag), bool(flag)
                     ),
-                    encode_image(
-                        image,
-                        job.output_format,
-                        quality=job.output_quality,
-                        text=self._parameters(job, job.seed + i),
-                    ),
+                    next(encoded),
                 )
                 for i, (image, flag) in enumerate(pairs)
             ]
@@ -368,33 +373,16 @@ class StableDiffusionRunner(Runner):
             member.finished = True
             sink.image_result(member.request_id, images, warnings, seconds)
 
+    def _encode(self, row: tuple[Member, int], image: Image.Image) -> bytes:
+        """Image ``i`` of ``member``'s request, for ``row`` = (member, i), encoded."""
+        member, i = row
+        job = member.job
+        text = self._parameters(job, job.seed + i)
+        return encode_image(image, job.output_format, quality=job.output_quality, text=text)
+
     def _parameters(self, job: TextToImageJob, seed: int) -> dict[str, str] | None:
         """PNG text chunks describing how the image with ``seed`` was made."""
         if not job.embed_parameters:
             return None
         sampler = SAMPLER_LABELS.get(job.scheduler) or type(self._schedulers[""]).__name__
         return {"parameters": parameters_text(job, seed, self.name, sampler)}
-
-    def _truncation_warnings(self, job: TextToImageJob) -> list[str]:
-        """Warnings naming the text CLIP will not see: the pipeline keeps the
-        first ``model_max_length`` tokens (start and end tokens included) and
-        drops the rest silently."""
-        warnings = []
-        for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
-            dropped = self._dropped_text(text)
-            if dropped:
-                limit = self.pipe.tokenizer.model_max_length
-                warnings.append(f"{name} is longer than {limit} tokens; ignored: {dropped!r}")
-        return warnings
-
-    def _dropped_text(self, text: str) -> str:
-        if not text:
-            return ""
-        tokenizer = self.pipe.tokenizer
-        ids = tokenizer(text, truncation=False, verbose=False).input_ids
-        limit = tokenizer.model_max_length
-        if len(ids) <= limit:
-            return ""
-        # Same slice as diffusers' own truncation log: everything between the
-        # last kept position (given to the end token) and the end token.
-        return tokenizer.decode(ids[limit - 1 : -1])
