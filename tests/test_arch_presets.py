@@ -14,6 +14,7 @@ BLIP2_OPT_2_7B = 3.745e9
 SD15_UNET = 859.52e6
 SD15_VAE = 83.65e6
 SD15_TEXT_ENCODER = 123.06e6
+TAESD = 2.445e6
 TOLERANCE = 0.005
 
 
@@ -43,6 +44,13 @@ def test_sd15_vae_has_the_published_number_of_weights(sd15):
 def test_sd15_text_encoder_has_the_published_number_of_weights(sd15):
     count = arch.parameter_count(sd15.text_encoder)
     assert count == pytest.approx(SD15_TEXT_ENCODER, rel=TOLERANCE)
+
+
+def test_taesd_has_the_published_number_of_weights():
+    # madebyollin/taesd: 9.78 MB of float32 weights, half encoder, half decoder.
+    taesd = arch.build("arch:taesd", "meta", torch.float16)
+    assert arch.parameter_count(taesd) == pytest.approx(TAESD, rel=TOLERANCE)
+    assert taesd.dtype == torch.float16
 
 
 def test_building_on_the_meta_device_allocates_no_weights(blip2, sd15):
