@@ -23,6 +23,7 @@ from imago.client.argtypes import uint
 from imago.client.bench import add_bench_parser
 from imago.client.bulk import BulkReport, ask_to_file, caption_to_file, image_paths
 from imago.client.connect import add_connection_options, client_from_args
+from imago.client.devicebench import add_device_bench_parser
 from imago.client.finetuning import add_finetune_parser
 from imago.client.generating import add_generate_parser
 from imago.client.localfiles import InputError, local, read
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rank_parser(sub)
     add_bench_parser(sub)
+    add_device_bench_parser(sub)
     add_soak_parser(sub)
     add_finetune_parser(sub)
     return parser
