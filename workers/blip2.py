@@ -69,11 +69,15 @@ class _StopWhenCancelled(StoppingCriteria):
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs
     ) -> torch.BoolTensor:
-        cancelled = torch.tensor([self.sink.is_cancelled(rid) for rid in self.request_ids])
+        cancelled = [self.sink.is_cancelled(rid) for rid in self.request_ids]
+        if not any(cancelled):
+            # Made on the device: copying flags from pageable host memory
+            # would make the host wait for the GPU at every token.
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         # Rows are request-major in every decoding strategy: each request owns
         # the same number of consecutive rows (its beams or return sequences).
         per_request = input_ids.shape[0] // len(self.request_ids)
-        return cancelled.repeat_interleave(per_request).to(input_ids.device)
+        return torch.tensor(cancelled).repeat_interleave(per_request).to(input_ids.device)
 
 
 def vqa_prompt(question: str) -> str:
