@@ -297,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     _pin_gpu(args.device)
     from imago.workers import devicebench
+    from imago.workers.device_setup import dtype_name
 
     device = devicebench.resolve_device(args.device)
     if device.startswith("cuda") and not devicebench.cuda_available():
@@ -307,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {
         "preset": args.preset, "sd_model": sd.name, "sd_source": sd.source,
         "blip2_model": blip2.name, "blip2_source": blip2.source, "device": device,
-        "dtype": args.dtype, "dtype_resolved": devicebench.resolve_dtype(args.dtype, device),
+        "dtype": args.dtype, "dtype_resolved": dtype_name(args.dtype, device),
         "size": args.size, "steps": args.steps, "guidance": args.guidance,
         "sd_batches": args.sd_batches, "caption_batches": args.caption_batches,
         "new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from statistics import median
 from typing import Any
 
 #: (name, wording, threshold) of each goal; a ratio at or above the threshold meets it.
@@ -18,17 +19,6 @@ GOALS: tuple[tuple[str, str, float], ...] = (
     ("compiled_vs_direct", "compiled served SD it/s >= 1.5 x direct (SDPA) at batch 1", 1.5),
     ("blip2_served_vs_direct", "served BLIP-2 tokens/s >= 0.9 x direct at the largest batch", 0.9),
 )
-
-
-def median(values: Sequence[float]) -> float:
-    """The median of ``values`` (the mean of the middle two for an even count)."""
-    if not values:
-        raise ValueError("median of no values")
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[middle]
-    return (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -19,7 +19,6 @@ from imago.client.devicereport import (
     counter_value,
     format_report,
     goals,
-    median,
     preview_row,
     sd_row,
 )
@@ -85,13 +84,6 @@ def test_presets_name_both_models_and_the_compiled_server_loads_sd_alone():
 
 
 # ------------------------------------------------------------------ figures
-
-
-def test_median_of_odd_and_even_counts():
-    assert median([3.0, 1.0, 2.0]) == 2.0
-    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
-    with pytest.raises(ValueError):
-        median([])
 
 
 def test_sd_row_rates_are_steps_over_the_median_wall():

@@ -70,14 +70,6 @@ def resolve_device(requested: str | None) -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """The precision "auto" stands for on ``device`` (fp16 on CUDA, fp32
-    elsewhere, as the server chooses); other names as they are."""
-    if dtype != "auto":
-        return dtype
-    return "fp16" if device.startswith("cuda") else "fp32"
-
-
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, else what platform says."""
     try:
