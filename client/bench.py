@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -70,7 +71,14 @@ class OwnServer:
     """An ``imago serve`` subprocess on a free local port. Its output goes to
     a temporary file, whose end is quoted when the server fails to start."""
 
-    def __init__(self, extra_args: Sequence[str], start_timeout_s: float) -> None:
+    def __init__(
+        self,
+        extra_args: Sequence[str],
+        start_timeout_s: float,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """``env``: variables to set in the server's environment on top of this
+        process's."""
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -78,6 +86,7 @@ class OwnServer:
         self.command = [sys.executable, "-m", "imago.client.cli", "serve"]
         self.command += ["--host", "127.0.0.1", "--port", str(port), *extra_args]
         self.start_timeout_s = start_timeout_s
+        self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self._log = tempfile.TemporaryFile()
 
@@ -88,7 +97,9 @@ class OwnServer:
 
     def start(self) -> None:
         """Start the server and wait until its health is SERVING (BenchError if not)."""
-        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env
+        )
         deadline = time.monotonic() + self.start_timeout_s
         with api.ImagoClient(self.target, timeout=2) as client:
             while time.monotonic() < deadline:

@@ -166,18 +166,18 @@ def _check(args: argparse.Namespace) -> None:
         fail(f"--out {args.out}: no such directory {args.out.parent}")
 
 
-def _pin_gpu(requested: str | None) -> None:
-    """Let this process and the servers it starts see one GPU, the one
-    ``requested`` ("cuda:N") or the first visible, before torch starts."""
-    if requested == "cpu":
-        return
-    index = int(requested.split(":")[1]) if requested and ":" in requested else 0
+def server_gpu_env(device: str) -> dict[str, str]:
+    """The environment that shows a server only the GPU ``device`` ("cuda:N",
+    N counted among the GPUs this process sees) is; nothing for "cpu". This
+    process itself is left as it is and addresses the GPU as ``device``."""
+    if device == "cpu":
+        return {}
+    index = int(device.partition(":")[2] or 0)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [v.strip() for v in (visible or "").split(",") if v.strip()]
     if visible is None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
-    elif index < len(ids):
-        os.environ["CUDA_VISIBLE_DEVICES"] = ids[index]
+        return {"CUDA_VISIBLE_DEVICES": str(index)}
+    return {"CUDA_VISIBLE_DEVICES": ids[index] if index < len(ids) else "-1"}
 
 
 # ------------------------------------------------------------------ run
@@ -203,11 +203,12 @@ def _measure(args: argparse.Namespace, device: str, report: dict[str, Any]) -> N
 
     sd, blip2 = bench_models(args.preset)
     metrics_port = deviceserved.free_port()
-    server = OwnServer(_server_args(args, device, args.preset) + [
+    extra = _server_args(args, device, args.preset) + [
         "--max-batch-size", f"{sd.name}={max(args.sd_batches)}",
         "--max-batch-size", f"{blip2.name}={max(args.caption_batches)}",
         "--max-queue", str(max(256, max(args.caption_batches))),
-        "--metrics-port", str(metrics_port)], args.start_timeout)  # fmt: skip
+        "--metrics-port", str(metrics_port)]  # fmt: skip
+    server = OwnServer(extra, args.start_timeout, env=server_gpu_env(device))
     _log(f"starting imago {' '.join(server.command[3:])} and loading the models here ...")
     try:
         with ThreadPoolExecutor(1) as pool:
@@ -268,10 +269,10 @@ def _measure_compiled(
 ) -> None:
     """Part 2: a server compiling the SD model, timed to SERVING, then each of
     --compile-batches against the direct uncompiled it/s of part 1."""
-    server = OwnServer(_server_args(args, device, sd_only_preset(args.preset)) + [
+    extra = _server_args(args, device, sd_only_preset(args.preset)) + [
         "--compile", f"{sd.name}={args.compile_mode}",
-        "--max-batch-size", f"{sd.name}={max(args.compile_batches)}"],
-        args.start_timeout)  # fmt: skip
+        "--max-batch-size", f"{sd.name}={max(args.compile_batches)}"]  # fmt: skip
+    server = OwnServer(extra, args.start_timeout, env=server_gpu_env(device))
     _log(f"starting imago {' '.join(server.command[3:])} (it compiles as it starts) ...")
     direct = {row["batch"]: row["direct_it_per_s"] for row in report["sd"]}
     compiled: dict[str, Any] = {"mode": args.compile_mode, "model": sd.name, "rows": []}
@@ -295,15 +296,13 @@ def run(args: argparse.Namespace) -> int:
     """``imago bench-device``: prints the table, writes the JSON report to
     --out; 0 when it ran, 1 when a request failed or a server did not start."""
     _check(args)
-    _pin_gpu(args.device)
     from imago.workers import devicebench
     from imago.workers.device_setup import dtype_name
 
     device = devicebench.resolve_device(args.device)
     if device.startswith("cuda") and not devicebench.cuda_available():
         args.device_bench_parser.error(f"--device {device}: torch sees no CUDA device here")
-    if device.startswith("cuda:"):
-        device = "cuda"  # the one GPU this process and the servers see
+    devicebench.use_device(device)
     sd, blip2 = bench_models(args.preset)
     settings = {
         "preset": args.preset, "sd_model": sd.name, "sd_source": sd.source,

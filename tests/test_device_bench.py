@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from imago.client.cli import main
-from imago.client.devicebench import bench_models, sd_only_preset
+from imago.client.devicebench import bench_models, sd_only_preset, server_gpu_env
 from imago.client.devicereport import (
     caption_row,
     compiled_row,
@@ -72,6 +72,26 @@ def test_asking_for_a_gpu_without_one_is_a_usage_error(capsys, tmp_path):
         main(["bench-device", *SMALL, "--device", "cuda", "--out", str(tmp_path / "x.json")])
     assert stop.value.code == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+def test_the_command_leaves_this_process_environment_alone(tmp_path):
+    before = dict(os.environ)
+    with pytest.raises(SystemExit):
+        main(["bench-device", *SMALL, "--device", "cuda:1", "--out", str(tmp_path / "x.json")])
+    assert dict(os.environ) == before
+
+
+@pytest.mark.parametrize(
+    ("visible", "device", "shown"),
+    [(None, "cuda:0", "0"), (None, "cuda:2", "2"), ("4,5", "cuda:1", "5"), ("4", "cuda:3", "-1")],
+)
+def test_a_server_is_shown_only_the_gpu_measured(monkeypatch, visible, device, shown):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert server_gpu_env(device) == {"CUDA_VISIBLE_DEVICES": shown}
+    assert server_gpu_env("cpu") == {}
 
 
 def test_presets_name_both_models_and_the_compiled_server_loads_sd_alone():

@@ -64,10 +64,20 @@ def cuda_available() -> bool:
 
 
 def resolve_device(requested: str | None) -> str:
-    """``requested``, or "cuda" when torch sees a GPU and "cpu" otherwise."""
-    if requested:
-        return requested
-    return "cuda" if cuda_available() else "cpu"
+    """``requested`` ("cpu", "cuda" or "cuda:N"), or the first GPU when torch
+    sees one and "cpu" otherwise; a GPU always as "cuda:N"."""
+    if requested is None:
+        requested = "cuda" if cuda_available() else "cpu"
+    if requested == "cuda":
+        return "cuda:0"
+    return requested
+
+
+def use_device(device: str) -> None:
+    """Make ``device`` this process's current GPU, so that synchronising and
+    memory figures concern it."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
 
 
 def cpu_model() -> str:
