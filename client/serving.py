@@ -84,6 +84,13 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         help="after SIGTERM, how long in-flight requests may take to finish (default: 30)",
     )
     p.add_argument(
+        "--load-timeout-s",
+        type=positive_float,
+        metavar="SECONDS",
+        help="longest a worker may take to load its models, compilation and warm-up "
+        "included, before start-up fails (default: 600)",
+    )
+    p.add_argument(
         "--max-connection-age-s",
         type=positive_float,
         metavar="SECONDS",
@@ -182,7 +189,8 @@ def serve_config(args: argparse.Namespace) -> Any:
 
     keys = (
         "preset", "host", "port", "workers", "cache_dir", "metrics_port", "drain_grace_s",
-        "max_connection_age_s", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
+        "max_connection_age_s", "load_timeout_s", "tls_cert", "tls_key", "tls_client_ca",
+        "auth_token_file",
     )  # fmt: skip
     kwargs = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     limits = {"max_message_bytes": args.max_message_mb * MiB}

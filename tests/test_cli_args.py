@@ -358,9 +358,15 @@ def test_a_connection_age_becomes_the_serve_config_setting():
     assert serve_config(parse("serve")).max_connection_age_s is None
 
 
+@pytest.mark.parametrize("option", ["--max-connection-age-s", "--load-timeout-s"])
 @pytest.mark.parametrize("bad", ["0", "-5", "inf", "nan", "soon"])
-def test_a_bad_connection_age_is_a_usage_error_naming_the_option(bad, capsys):
+def test_a_bad_number_of_seconds_is_a_usage_error_naming_the_option(option, bad, capsys):
     with pytest.raises(SystemExit) as exc:
-        parse("serve", "--max-connection-age-s", bad)
+        parse("serve", option, bad)
     assert exc.value.code == 2
-    assert "--max-connection-age-s" in capsys.readouterr().err
+    assert option in capsys.readouterr().err
+
+
+def test_a_load_timeout_becomes_the_serve_config_setting():
+    assert serve_config(parse("serve", "--load-timeout-s", "1800")).load_timeout_s == 1800.0
+    assert serve_config(parse("serve")).load_timeout_s == 600.0

@@ -51,3 +51,12 @@ def test_a_bfloat16_model_gives_the_same_image_for_the_same_seed(model_cache, lo
     assert first == again
     # The precision did change: float32 draws (slightly) different pixels.
     assert first != full
+
+
+def test_loading_past_the_load_timeout_fails_start_up_saying_so(model_cache, logs):
+    # Compiling at start takes far longer than the second allowed here.
+    starting = start_server(
+        model_cache, logs, "--compile", "sd-tiny=default", "--load-timeout-s", "1", wait=False
+    )
+    assert starting.process.wait(120) == 1
+    assert "workers did not load their models within 1s" in starting.log()
