@@ -138,7 +138,7 @@ def add_device_bench_parser(sub: Any) -> argparse.ArgumentParser:
     add("--prompt", default="a lighthouse at dusk", metavar="TEXT", help="SD prompt")
     add("--seed", type=count, default=0, help="seed of the first SD image and the input image")
     add("--start-timeout", type=number_arg(float, 1), default=600.0, metavar="S",
-        help="longest a server may take to be SERVING (default: 600)")  # fmt: skip
+        help="longest a server may take to be SERVING, compiling too (default: 600)")  # fmt: skip
     add("--out", type=Path, default=Path("device-bench.json"), metavar="FILE",
         help="where the JSON report goes (default: device-bench.json)")  # fmt: skip
     p.set_defaults(func=run, device_bench_parser=p)
@@ -271,7 +271,8 @@ def _measure_compiled(
     --compile-batches against the direct uncompiled it/s of part 1."""
     extra = _server_args(args, device, sd_only_preset(args.preset)) + [
         "--compile", f"{sd.name}={args.compile_mode}",
-        "--max-batch-size", f"{sd.name}={max(args.compile_batches)}"]  # fmt: skip
+        "--max-batch-size", f"{sd.name}={max(args.compile_batches)}",
+        "--load-timeout-s", f"{args.start_timeout:g}"]  # fmt: skip
     server = OwnServer(extra, args.start_timeout, env=server_gpu_env(device))
     _log(f"starting imago {' '.join(server.command[3:])} (it compiles as it starts) ...")
     direct = {row["batch"]: row["direct_it_per_s"] for row in report["sd"]}
