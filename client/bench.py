@@ -67,6 +67,13 @@ class BenchError(Exception):
 # ------------------------------------------------------------------ server
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 just now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class OwnServer:
     """An ``imago serve`` subprocess on a free local port. Its output goes to
     a temporary file, whose end is quoted when the server fails to start."""
@@ -79,9 +86,7 @@ class OwnServer:
     ) -> None:
         """``env``: variables to set in the server's environment on top of this
         process's."""
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         self.target = f"127.0.0.1:{port}"
         self.command = [sys.executable, "-m", "imago.client.cli", "serve"]
         self.command += ["--host", "127.0.0.1", "--port", str(port), *extra_args]

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from imago.client import api, devicereport, deviceserved, loadgen
-from imago.client.bench import BenchError, OwnServer, number_arg
+from imago.client.bench import BenchError, OwnServer, free_port, number_arg
 from imago.workers import presets
 from imago.workers.presets import COMPILE_MODES, DTYPES
 
@@ -202,7 +202,7 @@ def _measure(args: argparse.Namespace, device: str, report: dict[str, Any]) -> N
     from imago.workers import devicebench
 
     sd, blip2 = bench_models(args.preset)
-    metrics_port = deviceserved.free_port()
+    metrics_port = free_port()
     extra = _server_args(args, device, args.preset) + [
         "--max-batch-size", f"{sd.name}={max(args.sd_batches)}",
         "--max-batch-size", f"{blip2.name}={max(args.caption_batches)}",

@@ -8,10 +8,11 @@ Times are in seconds unless a name says ms; rates are per second.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from statistics import median
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 #: (name, wording, threshold) of each goal; a ratio at or above the threshold meets it.
 GOALS: tuple[tuple[str, str, float], ...] = (
@@ -156,20 +157,13 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     return judged
 
 
-_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<v>\S+)")
-
-
 def counter_value(text: str, name: str, labels: dict[str, str]) -> float | None:
     """The value of sample ``name`` with exactly ``labels`` in Prometheus text
     exposition ``text``; None when there is no such sample."""
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if not match or match["name"] != name:
-            continue
-        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"] or ""))
-        if found == labels:
-            value = float(match["v"])
-            return value if math.isfinite(value) else None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value if math.isfinite(sample.value) else None
     return None
 
 

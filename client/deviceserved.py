@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -111,10 +110,3 @@ def tokens_counter(metrics_port: int, model: str) -> Callable[[], float | None]:
         return devicereport.counter_value(text, "imago_generated_tokens_total", {"model": model})
 
     return count
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 just now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

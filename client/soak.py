@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from imago.client import loadgen
-from imago.client.bench import BenchError, OwnServer, mix_arg, number_arg
+from imago.client.bench import BenchError, OwnServer, free_port, mix_arg, number_arg
 from imago.client.loadgen import Plan, phase_report
 
 DESCRIPTION = """Run mixed load (caption, VQA, generate) at --concurrency for --duration
@@ -124,12 +123,6 @@ def add_soak_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def format_report(report: dict[str, Any]) -> str:
     overall = report["served"]["overall"]
     errors = ", ".join(f"{code} {n}" for code, n in overall["errors"].items()) or "none"
@@ -168,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
                 min(args.preview_every, args.steps))  # fmt: skip
     server, url = None, args.metrics_url
     if not args.external:
-        metrics_port = _free_port()
+        metrics_port = free_port()
         extra = ["--preset", args.preset, "--metrics-port", str(metrics_port)]
         extra += ["--cache-dir", args.cache_dir] if args.cache_dir else []
         extra += ["--workers", str(args.workers)] if args.workers else []

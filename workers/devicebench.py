@@ -117,12 +117,12 @@ def load_direct(
     """Load ``sd`` and ``blip2`` onto ``device`` as a worker would, in ``dtype``
     ("auto": the server's default), uncompiled. RuntimeError names a model
     that cannot be loaded."""
-    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
-        os.environ.setdefault(name, "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as transformers_logging
 
+    from imago.workers.inprocess import quiet_libraries
     from imago.workers.main import load_runners
+
+    quiet_libraries()
 
     transformers_logging.disable_progress_bar()
 

@@ -161,6 +161,14 @@ def run_calls(calls: Sequence[tuple[Runner, list[Request]]]) -> tuple[list[Direc
     return results, time.perf_counter() - started
 
 
+def quiet_libraries() -> None:
+    """Turn off the libraries' progress bars and info logs in this process,
+    unless the environment already says otherwise."""
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def load_for_services(
     preset_name: str, services: Iterable[str], device: str, cache_dir: str | None = None
 ) -> dict[str, Runner]:
@@ -169,9 +177,7 @@ def load_for_services(
     the libraries' progress bars and info logs off. ValueError for an unknown
     preset or a service it has no model for; RuntimeError for a model that
     cannot be loaded."""
-    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
-        os.environ.setdefault(name, "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_libraries()
     from imago.workers.main import load_runners
 
     models = preset(preset_name)
