@@ -89,13 +89,26 @@ def final_code(
     code it gave through ``context.abort`` or ``context.set_code`` (None when
     none) and ``deadline_passed`` whether the call's deadline is behind us.
     """
-    if isinstance(outcome, grpc.aio.AbortError):
+    raised = None if outcome is None else type(outcome)
+    return _final_code(raised, completed, set_code, deadline_passed)
+
+
+def _final_code(
+    raised: type[BaseException] | None,
+    completed: bool,
+    set_code: grpc.StatusCode | None,
+    deadline_passed: bool,
+) -> grpc.StatusCode:
+    """:func:`final_code` from the class of what the behaviour raised: all it
+    depends on, and all that a call's record keeps (see :class:`_Call`)."""
+    if raised is not None and issubclass(raised, grpc.aio.AbortError):
         return set_code or grpc.StatusCode.UNKNOWN
-    if isinstance(outcome, asyncio.CancelledError) or (outcome is None and not completed):
+    cancelled = raised is not None and issubclass(raised, asyncio.CancelledError)
+    if cancelled or (raised is None and not completed):
         # grpc cancels the behaviour when the client cancels or goes away, and
         # when the deadline passes; a stream may also be stopped between writes.
         return grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed else grpc.StatusCode.CANCELLED
-    if outcome is not None:
+    if raised is not None:
         # As grpc.aio answers it: the code set before the exception, else UNKNOWN.
         if set_code is not None and set_code != grpc.StatusCode.OK:
             return set_code
@@ -110,6 +123,31 @@ def _status_code(code) -> grpc.StatusCode | None:
     return _CODES_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
 
 
+def _drop_tracebacks(error: grpc.aio.AbortError) -> None:
+    """Drop the tracebacks of an AbortError and of the exceptions it was
+    raised while handling (its ``__cause__`` and ``__context__`` chain).
+
+    ``context.abort`` keeps the AbortError it raises in the call's state until
+    that state is freed, to check that the behaviour ends with that very error.
+    The error's traceback, and those of its chain (the RequestError that
+    ``errors.abort`` turned into a status, say), hold the frames it went through;
+    those frames hold the context, and the context holds the call's state: a
+    reference cycle, which keeps the frames, and the request in them, until
+    the cyclic garbage collector runs. For a large rejected request that is
+    a lot of memory held for no use. Nothing reads these tracebacks: grpc ends
+    a call that raised its AbortError without logging anything.
+    """
+    pending: list[BaseException] = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+
+
 @dataclass(frozen=True)
 class _Undecodable:
     """Request bytes that did not parse as the method's request message."""
@@ -119,15 +157,30 @@ class _Undecodable:
 
 @dataclass
 class _Call:
-    """One call's record, from its start to its final status."""
+    """One call's record, from its start to its final status.
+
+    It keeps what the behaviour raised only as its class and repr, never the
+    exception itself: the exception's traceback holds the frame of the
+    wrapper, whose ``call`` is this record, so keeping it would make a cycle
+    through every frame of the failed call, the request with them, which only
+    the cyclic garbage collector frees. A large rejected request would then
+    stay in memory long after its call.
+    """
 
     service: str
     method: str
     request_id: str
     # time.perf_counter() when the behaviour was entered, in seconds.
     started: float = field(default_factory=time.perf_counter)
-    outcome: BaseException | None = None
+    # The class of what the behaviour raised and its repr; None and "" when nothing.
+    raised: type[BaseException] | None = None
+    raised_repr: str = ""
     completed: bool = False
+
+    def ended_by(self, error: BaseException) -> None:
+        """Note that the behaviour raised ``error``."""
+        self.raised = type(error)
+        self.raised_repr = repr(error)
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
@@ -204,7 +257,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 # deadline passed, or the server is stopping, which cancels
                 # every call anyway. Ending as cancelled tells grpc just that
                 # (it would log any other exception as a server error).
-                call.outcome = asyncio.CancelledError()
+                call.ended_by(asyncio.CancelledError())
                 raise asyncio.CancelledError() from None
             return call
 
@@ -214,8 +267,16 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 call = await begin(context)
                 try:
                     await first_check(request, context)
+                except grpc.aio.AbortError as error:
+                    call.ended_by(error)
+                    _drop_tracebacks(error)
+                    # This frame goes into the traceback again as the error
+                    # leaves it: it must not hold the context (see
+                    # _drop_tracebacks), nor the request.
+                    del request, context
+                    raise error
                 except BaseException as error:
-                    call.outcome = error
+                    call.ended_by(error)
                     raise
                 if streaming_in:
                     request = checked(request, context)
@@ -228,8 +289,13 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     # grpc stopped reading: the call ended between two writes,
                     # which :func:`final_code` reads as cancelled.
                     raise
+                except grpc.aio.AbortError as error:
+                    call.ended_by(error)
+                    _drop_tracebacks(error)
+                    del request, context  # as above
+                    raise error
                 except BaseException as error:
-                    call.outcome = error
+                    call.ended_by(error)
                     raise
                 finally:
                     # Run the behaviour's own clean-up now, not when it is collected.
@@ -244,8 +310,16 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     if streaming_in:
                         request = checked(request, context)
                     response = await behaviour(request, context)
+                except grpc.aio.AbortError as error:
+                    call.ended_by(error)
+                    _drop_tracebacks(error)
+                    # This frame goes into the traceback again as the error
+                    # leaves it: it must not hold the context (see
+                    # _drop_tracebacks), nor the request.
+                    del request, context
+                    raise error
                 except BaseException as error:
-                    call.outcome = error
+                    call.ended_by(error)
                     raise
                 call.completed = True
                 return response
@@ -266,8 +340,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         """The call is over: count it and log it."""
         seconds = time.perf_counter() - call.started
         remaining = context.time_remaining()
-        code = final_code(
-            call.outcome,
+        code = _final_code(
+            call.raised,
             call.completed,
             _status_code(context.code()),
             deadline_passed=remaining is not None and remaining <= 0,
@@ -278,7 +352,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if log.isEnabledFor(level):
             why = ""
             if code is not grpc.StatusCode.OK:
-                why = context.details() or (repr(call.outcome) if call.outcome else "")
+                why = context.details() or call.raised_repr
             # Done callbacks run outside the call's context: name the request.
             log.log(
                 level,
