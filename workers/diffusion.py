@@ -15,7 +15,11 @@ diffusers gives when called directly.
 A step callback keeps one event stream per request: progress, previews of the
 request's own image 0 and cancellation. A cancelled request ends at once while
 the rest of its group runs on; when every request of a group is cancelled the
-call stops before the VAE decode.
+call stops before the VAE decode. Cancellation is also checked inside steps,
+at each coarse block of the UNet and of the VAE decoder (see
+:mod:`imago.workers.steps`), so that a call whose steps take minutes stops
+within a block, and the worker's heartbeats go on while a step runs; except
+in models compiled with torch.compile, which are checked between steps only.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ from imago.workers.protocol import (
 from imago.workers.runner import Cancelled, EventSink, Request, Runner
 from imago.workers.schedulers import SCHEDULERS
 from imago.workers.sd_loading import load_ip_adapter, load_pipeline, load_taesd
-from imago.workers.steps import Member, StepReporter
+from imago.workers.steps import Member, StepReporter, interrupt_points
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +121,8 @@ class StableDiffusionRunner(Runner):
         self.img2img = StableDiffusionImg2ImgPipeline(
             **pipe.components, requires_safety_checker=checker
         )
+        # Whether load compiled pipe's UNet and VAE decoder (compile_pipeline).
+        self.compiled = False
         self.dedicated_inpaint = inpaint is not None
         self.inpaint = inpaint or StableDiffusionInpaintPipeline(
             **pipe.components, requires_safety_checker=checker
@@ -188,6 +194,7 @@ class StableDiffusionRunner(Runner):
         if settings.compile != "off":
             # Last: nothing may change the modules once they are compiled.
             compile_pipeline(pipe, settings.compile)
+            runner.compiled = True
         return runner
 
     def warm_up(self) -> None:
@@ -278,6 +285,19 @@ class StableDiffusionRunner(Runner):
                 member.finished = True
                 sink.failed(member.request_id, code, message)
 
+    def _interrupt_points(self, pipe: DiffusionPipeline) -> list[torch.nn.Module]:
+        """The blocks of ``pipe``'s UNet and VAE decoder at which cancellation
+        is checked inside a step (:func:`~imago.workers.steps.interrupt_points`)."""
+        # No Python hooks inside compiled modules: torch.compile would trace
+        # into them, and a hook that talks to the socket breaks the graph at
+        # every block (and adding or removing hooks around each call can make
+        # it recompile). compile_pipeline compiles the shared UNet and VAE
+        # decoder only, so a dedicated inpainting checkpoint's keep their
+        # hooks; the compiled ones are checked between steps, as before.
+        unet = None if self.compiled and pipe.unet is self.pipe.unet else pipe.unet
+        vae = None if self.compiled and pipe.vae is self.pipe.vae else pipe.vae
+        return interrupt_points(unet, vae)
+
     def _run_group(self, members: list[Member], sink: EventSink) -> None:
         """Run ``members`` (requests with equal batch keys) in one pipeline call."""
         for member in members:
@@ -334,7 +354,10 @@ class StableDiffusionRunner(Runner):
             pipe.set_ip_adapter_scale(scale)
             arguments["ip_adapter_image"] = style if scale else Image.new("RGB", (32, 32))
         try:
-            with _swapped_scheduler(pipe, capture.scheduler):
+            with (
+                _swapped_scheduler(pipe, capture.scheduler),
+                reporter.interrupts(self._interrupt_points(pipe)),
+            ):
                 output = pipe(**arguments, callback_on_step_end=reporter)
         except Cancelled:
             return  # every member was failed as it was cancelled

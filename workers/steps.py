@@ -5,12 +5,20 @@ Steps are counted the way diffusers' own progress bar counts them, so the last
 step is the number of steps run even for schedulers that make more model calls
 than steps (PNDM repeats its first timestep; second-order schedulers call the
 model twice per step).
+
+A single step can take minutes (many large images on a CPU), so cancellation
+is also checked inside steps: :meth:`StepReporter.interrupts` puts forward
+pre-hooks on the coarse blocks of the UNet and the VAE decoder
+(:func:`interrupt_points`) for the length of the call. Each asks the sink about
+every live request, which also lets the worker send its heartbeats while a
+step runs, and stops the call within a block once nobody is left.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,9 +81,12 @@ class StepReporter:
     def live(self) -> list[Member]:
         return [member for member in self.members if not member.finished]
 
-    def __call__(
-        self, pipe: DiffusionPipeline, i: int, t: Any, kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
+    def check_cancelled(self) -> list[Member]:
+        """Fail with CANCELLED every live request the sink reports cancelled,
+        and return those left; raise :class:`Cancelled` when none is.
+
+        Asked at the end of every step and, through :meth:`interrupts`, at
+        the start of every coarse block inside one."""
         message = f"cancelled after {self.steps_done} of {self.steps} steps"
         for member in self.live():
             if self.sink.is_cancelled(member.request_id):
@@ -86,8 +97,32 @@ class StepReporter:
                 self.sink.failed(member.request_id, "CANCELLED", message)
         live = self.live()
         if not live:
-            # Nobody wants the result: skip the remaining steps and the decode.
+            # Nobody wants the result: skip the rest of the call, decode included.
             raise Cancelled(message)
+        return live
+
+    @contextmanager
+    def interrupts(self, modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+        """Check for cancellation (:meth:`check_cancelled`) before each call
+        of every module of ``modules`` while the block runs: a forward
+        pre-hook that only reads, so outputs stay the same. The hooks are
+        removed when the block ends, however it ends."""
+        handles = []
+        try:
+            for module in modules:
+                handles.append(module.register_forward_pre_hook(self._interrupt))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _interrupt(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        self.check_cancelled()
+
+    def __call__(
+        self, pipe: DiffusionPipeline, i: int, t: Any, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        live = self.check_cancelled()
         calls, order = pipe.num_timesteps, pipe.scheduler.order
         warmup = calls - self.steps * order
         if i == calls - 1 or (i + 1 > warmup and (i + 1) % order == 0):
@@ -95,6 +130,10 @@ class StepReporter:
             elapsed = time.perf_counter() - self.started_at
             x0: torch.Tensor | None = None
             for member in live:
+                if member.finished:
+                    # Cancelled while an earlier member's preview was decoded
+                    # (the VAE decoder's blocks check too).
+                    continue
                 self.sink.progress(member.request_id, self.steps_done, self.steps, elapsed)
                 every = member.job.preview_every
                 if every > 0 and self.steps_done % every == 0:
@@ -114,9 +153,28 @@ class StepReporter:
         for index in range(count):
             row = member.row + index
             picture = self.render(x0[row : row + 1], job.preview_method)
+            if member.finished:
+                return  # cancelled while the preview was decoded: no more events
             image = picture.resize(size, Image.Resampling.BILINEAR)
             data = encode_image(image, job.preview_format, quality=PREVIEW_QUALITY)
             fmt = mime_type(job.preview_format)
             self.sink.preview(
                 member.request_id, self.steps_done, index, data, fmt, image.width, image.height
             )
+
+
+def interrupt_points(
+    unet: torch.nn.Module | None, vae: torch.nn.Module | None
+) -> list[torch.nn.Module]:
+    """The coarse blocks of ``unet`` (each down block, the mid block, each up
+    block) and of ``vae``'s decoder (its mid block and up blocks), where
+    :meth:`StepReporter.interrupts` checks for cancellation inside a step or
+    the final decode. Either may be None for none of its blocks. A real SD
+    UNet has 9, so a step is checked about 9 times; the tiny one has fewer."""
+    modules: list[torch.nn.Module | None] = []
+    if unet is not None:
+        modules += [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    decoder = getattr(vae, "decoder", None)
+    if decoder is not None:
+        modules += [decoder.mid_block, *decoder.up_blocks]
+    return [module for module in modules if module is not None]
