@@ -105,6 +105,23 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         help="restart a busy worker that reports nothing for this long on MODEL (on every "
         "model without MODEL=); repeatable (default: 300)",
     )
+    p.add_argument(
+        "--max-pixels",
+        action="append",
+        default=[],
+        metavar="[MODEL=]N",
+        help="most pixels (width x height x images) one request or batch of a Stable "
+        "Diffusion model may have; repeatable (default: 2097152 on CPU workers, 16777216 "
+        "on GPUs)",
+    )
+    p.add_argument(
+        "--model-weight",
+        action="append",
+        default=[],
+        metavar="[MODEL=]W",
+        help="MODEL's share of a worker's time when several models wait for it, relative "
+        "to the others'; repeatable (default: 1 each)",
+    )
     add_device_options(p)
     tls = p.add_argument_group("security")
     tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain")
@@ -213,6 +230,8 @@ def serve_config(args: argparse.Namespace) -> Any:
         cpu_only=args.cpu,
         limits=Limits(**limits),
         watchdog_s=tuple(args.watchdog_s),
+        max_pixels=tuple(args.max_pixels),
+        model_weights=tuple(args.model_weight),
         auth_health=args.auth_health,
         log_format=args.log_format,
     )
@@ -226,6 +245,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         config.models()
         config.watchdogs()
+        config.pixel_limits(default=0)
+        config.weights()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,7 +10,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from imago.server.admission import Admission, ModelLimits, default_max_pixels
 from imago.server.config import ServeConfig
+from imago.server.costs import StepTimes
 from imago.server.devices import detect_devices
 from imago.server.dispatch import Dispatcher
 from imago.server.drain import drain
@@ -105,8 +107,23 @@ def build_server(
     health_status = Health(config)
     models = config.models()
     policies = {spec.name: spec.batch_policy for spec in models}
-    scheduler = Scheduler(limits.max_queue_size, policies, metrics=metrics)
     devices = detect_devices(config.workers, config.cpu_only)
+    watchdogs = config.watchdogs()
+    pixels = config.pixel_limits(default_max_pixels(devices))
+    admission = Admission(
+        {
+            spec.name: ModelLimits(pixels.get(spec.name), watchdogs.get(spec.name))
+            for spec in models
+        },
+        StepTimes(),
+    )
+    scheduler = Scheduler(
+        limits.max_queue_size,
+        policies,
+        metrics=metrics,
+        admission=admission,
+        weights=config.weights(),
+    )
     pool = WorkerPool(
         models,
         devices,
@@ -114,7 +131,7 @@ def build_server(
         cache_dir=config.cache_dir,
         on_change=health_status.schedule_update,
         metrics=metrics,
-        watchdog_s=config.watchdogs(),
+        watchdog_s=watchdogs,
     )
     health_status.attach(pool)
     dispatcher = Dispatcher(models, scheduler, pool, limits)

@@ -5,13 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imago.workers.presets import ModelSpec, per_model, preset, with_batching, with_overrides
+from imago.workers.presets import (
+    STABLE_DIFFUSION,
+    ModelSpec,
+    per_model,
+    preset,
+    with_batching,
+    with_overrides,
+)
 from imago.workers.settings import SettingEntries, with_device_settings
 
 MiB = 1024 * 1024
 #: Seconds a busy worker may report nothing before it is restarted, unless
 #: ``--watchdog-s`` says otherwise.
 DEFAULT_WATCHDOG_S = 300.0
+#: Smallest --max-pixels: one image of the smallest size a request may ask for.
+MIN_MAX_PIXELS = 64 * 64
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,12 @@ class ServeConfig:
     # long on MODEL's batch (on every model's, without MODEL=) is killed and
     # restarted. Later entries win.
     watchdog_s: tuple[str, ...] = ()
+    # "[MODEL=]N" entries: most pixels (width x height x images) a request or
+    # batch of a Stable Diffusion model may have; default by device.
+    max_pixels: tuple[str, ...] = ()
+    # "[MODEL=]W" entries: each model's share of the workers it shares with
+    # other models, relative to the others' (1 when unnamed).
+    model_weights: tuple[str, ...] = ()
     # TLS: the server's certificate chain and private key (PEM files). With
     # ``tls_client_ca`` clients must present a certificate it signed (mutual TLS).
     tls_cert: Path | None = None
@@ -100,6 +115,34 @@ class ServeConfig:
     def watchdogs(self) -> dict[str, float]:
         """Watchdog seconds for every model served; ValueError as :func:`resolve_watchdogs`."""
         return resolve_watchdogs(self.watchdog_s, [spec.name for spec in self.models()])
+
+    def pixel_limits(self, default: int) -> dict[str, int]:
+        """Most pixels per request and batch of each Stable Diffusion model;
+        ``default`` for those no ``max_pixels`` entry names. ValueError names
+        a bad entry."""
+        image_models = [spec.name for spec in self.models() if spec.family == STABLE_DIFFUSION]
+        given = per_model(
+            self.max_pixels,
+            image_models,
+            "--max-pixels",
+            int,
+            lambda n: n >= MIN_MAX_PIXELS,
+            f"[MODEL=]N with N >= {MIN_MAX_PIXELS} for a Stable Diffusion model",
+        )
+        return {name: int(given.get(name, default)) for name in image_models}
+
+    def weights(self) -> dict[str, float]:
+        """Each model's weight in the fair share of a worker; ValueError names a bad entry."""
+        names = [spec.name for spec in self.models()]
+        given = per_model(
+            self.model_weights,
+            names,
+            "--model-weight",
+            float,
+            lambda w: w > 0,
+            "[MODEL=]W with W > 0",
+        )
+        return {name: given.get(name, 1.0) for name in names}
 
 
 def resolve_watchdogs(

@@ -27,6 +27,7 @@ import grpc
 
 from imago.server.config import Limits
 from imago.server.errors import RequestError, from_failure
+from imago.server.fairness import current_flow, set_flow
 from imago.server.logs import current_request_id, set_request_id
 from imago.server.pool import WorkerPool
 from imago.server.scheduler import Scheduler, Ticket
@@ -85,7 +86,12 @@ class Dispatcher:
             request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         item = WorkItem(request_id=request_id, job=job, frames=len(images))
         ticket = Ticket(
-            request_id=request_id, model=model, item=item, frames=images, deadline=deadline
+            request_id=request_id,
+            model=model,
+            item=item,
+            frames=images,
+            deadline=deadline,
+            flow=current_flow(),
         )
         self._live[request_id] = ticket
         return ticket
@@ -166,18 +172,21 @@ async def bulk(
     bound, and a client that stops reading results stops being read.
 
     Inside an RPC with request id ``S``, the item read ``n``-th (from 0) is
-    handled as request ``S-n``.
+    handled as request ``S-n``. The stream's items are a flow of their own in
+    their model's fair queue (:mod:`imago.server.fairness`).
     """
     done: asyncio.Queue = asyncio.Queue()
     slots = asyncio.Semaphore(window)
     finished = object()
 
     stream_id = current_request_id()
+    stream_flow = f"{current_flow()}/stream:{stream_id or id(items)}"
 
     async def one(item, index: int) -> None:
         # Each item runs in a task of its own, whose context this changes alone.
         if stream_id is not None:
             set_request_id(f"{stream_id}-{index}")
+        set_flow(stream_flow)
         try:
             out = wrap(id=item.id, response=await handle(item.request))
         except RequestError as error:

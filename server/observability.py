@@ -8,7 +8,9 @@ probes and grpcurl traffic show up in the same figures under their own
 - picks a request id: the client's ``x-request-id`` metadata value when that
   is a sane token (:data:`REQUEST_ID_PATTERN`), else a fresh uuid4 hex;
 - makes it the context's request id (:func:`current_request_id`), which log
-  records and the dispatcher's tickets pick up;
+  records and the dispatcher's tickets pick up, and the client's connection
+  the context's flow (:func:`~imago.server.fairness.current_flow`), by which
+  a model's queue is shared fairly;
 - sends it back at once as initial metadata ``x-request-id``, so that the
   client has it on errors and before a stream's first message;
 - when the call has ended, records ``imago_requests_total`` and
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from imago.server.errors import RequestError, abort
+from imago.server.fairness import set_flow
 from imago.server.logs import current_request_id, set_request_id
 from imago.server.metrics import Metrics
 
@@ -249,6 +252,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         async def begin(context: grpc.aio.ServicerContext) -> _Call:
             call = _Call(service, method, request_id)
             set_request_id(request_id)
+            # The connection is the client's flow in its model's fair queue.
+            set_flow(context.peer())
             context.add_done_callback(lambda ctx: self._finished(call, ctx))
             try:
                 await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))

@@ -76,8 +76,9 @@ class WorkerHandle:
     models: dict[str, ModelInfo] = field(default_factory=dict)
     state: str = "starting"  # starting | idle | busy | dead
     running: dict[str, Ticket] = field(default_factory=dict)
-    # Model of the batch it is running, while busy.
+    # Model and id of the batch it is running, while busy.
     batch_model: str | None = None
+    batch_id: int = 0
     # When it last became idle: the longest-idle worker gets the next batch.
     idle_since: float = 0.0
     # Monotonic times: its process started, it last became ready (None while
@@ -95,6 +96,17 @@ class WorkerHandle:
     load_error: str = ""
     # Running requests that have had a preview already.
     previewed: set[str] = field(default_factory=set)
+    # The current batch's first and last progress reports, as (step, elapsed
+    # seconds): its time per step, without what comes before and after them.
+    first_progress: tuple[int, float] | None = None
+    last_progress: tuple[int, float] | None = None
+
+    def step_seconds(self) -> float | None:
+        """Seconds per step of the current batch, None without two steps reported."""
+        if self.first_progress is None or self.last_progress is None:
+            return None
+        (step0, at0), (step1, at1) = self.first_progress, self.last_progress
+        return (at1 - at0) / (step1 - step0) if step1 > step0 else None
 
     @property
     def live(self) -> bool:
@@ -221,6 +233,8 @@ class WorkerPool:
         UNAVAILABLE (safe to retry)."""
         worker.state = "dead"
         worker.ready_at = None
+        if worker.batch_model is not None:
+            self._scheduler.batch_lost(worker.batch_id)
         worker.batch_model = None
         log.error(reason)
         if self._metrics is not None:
@@ -251,8 +265,12 @@ class WorkerPool:
 
     # ------------------------------------------------- scheduler interface
 
-    def idle_worker(self, model: str) -> str | None:
-        idle = [w for w in self._workers.values() if w.state == "idle" and model in w.models]
+    def idle_worker(self, model: str, exclude: set[str] = frozenset()) -> str | None:
+        idle = [
+            w
+            for w in self._workers.values()
+            if w.state == "idle" and model in w.models and w.worker_id not in exclude
+        ]
         if not idle:
             return None
         # Spread work: the worker that has waited longest goes first.
@@ -264,7 +282,8 @@ class WorkerPool:
     def run(self, worker_id: str, batch_id: int, model: str, tickets: list[Ticket]) -> None:
         worker = self._workers[worker_id]
         worker.state = "busy"
-        worker.batch_model = model
+        worker.batch_model, worker.batch_id = model, batch_id
+        worker.first_progress = worker.last_progress = None
         # The watchdog counts silence from the hand-over on.
         worker.batch_at = worker.heard_at = time.monotonic()
         frames: list[bytes] = []
@@ -370,13 +389,19 @@ class WorkerPool:
                 if self._metrics is not None:
                     seconds = message.seconds or worker.idle_since - worker.batch_at
                     self._metrics.inference_duration.labels(model).observe(seconds)
-                self._scheduler.batch_done(model)
+                self._scheduler.batch_done(
+                    model, message.batch_id, message.seconds, worker.step_seconds()
+                )
             else:
                 self._scheduler.dispatch()
         else:
             ticket = worker.running.get(message.request_id)
             if ticket is None:
                 return
+            if isinstance(message, Progress):
+                mark = (message.step, message.elapsed_seconds)
+                worker.first_progress = worker.first_progress or mark
+                worker.last_progress = mark
             if self._metrics is not None:
                 self._record(worker, ticket, message)
             if isinstance(message, Outcome):

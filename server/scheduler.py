@@ -3,9 +3,16 @@
 A :class:`Ticket` is one request's life in the frontend: queued here, then
 running on a worker, with every event for it landing in ``ticket.events``.
 
-Batching follows each model's :class:`BatchPolicy`. When a worker holding the
-model is idle, the oldest waiting request leads a batch and takes with it every
-later request whose :func:`batch_key` matches, up to ``max_batch_size``.
+Which batch a free worker runs is decided fairly (:mod:`imago.server.fairness`):
+among the models it holds, the one with the lowest virtual start time goes
+next (oldest waiting request as tie-break); within a model's queue, requests
+are ordered fairly over client connections, so that neither a busy model nor
+one client's bulk stream starves the rest.
+
+Batching follows each model's :class:`BatchPolicy`. The first request in fair
+order leads a batch and takes with it every later request whose
+:func:`batch_key` matches, up to ``max_batch_size`` and the model's
+``--max-pixels``.
 
 A batch that is not full is held back for companions only while more are
 expected: while the model's peak load within the last :data:`RECENT_S`
@@ -18,8 +25,11 @@ starts at once, while clients returning from a big batch are gathered into
 one call again instead of splitting into a small batch and a big one that take
 almost the same time.
 
-Queues are bounded; a full queue turns new requests away at once. A deadline
-ends a ticket wherever it is: taken out of its queue, or stopped on its worker.
+Queues are bounded; a full queue turns new requests away at once, and so does
+:class:`~imago.server.admission.Admission` for a request too big for its model
+or too slow for its deadline. A deadline ends a ticket wherever it is: taken
+out of its queue, or stopped on its worker. Each finished batch's measured
+seconds feed the per-model rates that admission and the fair share estimate with.
 
 With a :class:`~imago.server.metrics.Metrics`, the scheduler keeps
 ``imago_queue_depth`` and ``imago_inflight_requests`` (requests, not batch
@@ -33,13 +43,15 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
 
+from imago.server.admission import Admission
+from imago.server.costs import Cost, StepTimes
 from imago.server.errors import RequestError
+from imago.server.fairness import FairQueue, ModelShares
 from imago.server.metrics import Metrics
 from imago.workers.presets import BatchPolicy
 from imago.workers.protocol import Failed, Outcome, WorkItem, batch_key, batch_weight
@@ -50,6 +62,9 @@ log = logging.getLogger("imago.scheduler")
 RECENT_S = 1.0
 #: Policy of a model the scheduler was told nothing about: no batching.
 UNBATCHED = BatchPolicy(max_batch_size=1, max_batch_delay_ms=0.0)
+#: Seconds a batch of a model that has not finished one yet is charged in the
+#: fair share between models (its true cost replaces this once it is done).
+UNMEASURED_BATCH_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,9 @@ class Ticket:
     frames: list[bytes]
     # Monotonic time (asyncio's loop clock) by which the request must end.
     deadline: float | None = None
+    # The client connection it came on: requests of one flow share a fair
+    # share of their model's queue. "" : a flow of its own.
+    flow: str = ""
     # (message, frames) pairs: protocol messages from the worker, QueuePosition.
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -77,6 +95,10 @@ class Ticket:
     finished: bool = False
     # On a worker: dispatched and not yet answered by it.
     running: bool = False
+    # Whether it ended with a result (not a failure or a cancellation).
+    succeeded: bool = False
+    # Its work, as admission measured it when it was queued.
+    cost: Cost | None = None
     _position: int = -1
     _deadline_timer: asyncio.TimerHandle | None = None
 
@@ -86,6 +108,7 @@ class Ticket:
             return
         if isinstance(message, Outcome):
             self.finish()
+            self.succeeded = not isinstance(message, Failed)
         self.events.put_nowait((message, list(frames)))
 
     def finish(self) -> None:
@@ -99,7 +122,9 @@ class Ticket:
 class Workers(Protocol):
     """What the scheduler needs of the worker pool."""
 
-    def idle_worker(self, model: str) -> str | None: ...
+    def idle_worker(self, model: str, exclude: set[str] = frozenset()) -> str | None:
+        """An idle live worker holding ``model`` and not in ``exclude``."""
+        ...
 
     def worker_count(self, model: str) -> int:
         """Live workers holding ``model``."""
@@ -110,20 +135,37 @@ class Workers(Protocol):
     def cancel(self, ticket: Ticket) -> None: ...
 
 
+@dataclass
+class _Batch:
+    """A batch on a worker: what it was charged, and who is in it."""
+
+    model: str
+    charged_s: float
+    tickets: list[Ticket]
+
+
 class Scheduler:
-    """FIFO queue per model; batches go to workers as soon as one is idle."""
+    """Fair queues per model; batches go to workers as soon as one is idle."""
 
     def __init__(
         self,
         max_queue_size: int,
         policies: dict[str, BatchPolicy] | None = None,
         metrics: Metrics | None = None,
+        admission: Admission | None = None,
+        weights: dict[str, float] | None = None,
     ) -> None:
+        """``admission`` checks each request before it is queued (by default
+        only once rates are measured, with no limits); ``weights`` are the
+        models' shares of a worker they share (1 each by default)."""
         self._max_queue_size = max_queue_size
         self._policies = dict(policies or {})
-        self._queues: dict[str, deque[Ticket]] = {}
+        self._queues: dict[str, FairQueue[Ticket]] = {}
         self._workers: Workers | None = None
         self._batch_ids = itertools.count(1)
+        self.admission = admission or Admission({}, StepTimes())
+        self._shares = ModelShares(weights)
+        self._batches: dict[int, _Batch] = {}
         # Per model: weight of the batches running, the recent peak of running
         # plus queued weight (and when it was seen), when a batch last finished.
         self._running: dict[str, int] = {}
@@ -147,15 +189,19 @@ class Scheduler:
         return len(self._queues.get(model, ()))
 
     def submit(self, ticket: Ticket) -> None:
-        """Queue ``ticket``, or raise RESOURCE_EXHAUSTED when its queue is full."""
-        queue = self._queues.setdefault(ticket.model, deque())
+        """Queue ``ticket``; RequestError when its queue is full
+        (RESOURCE_EXHAUSTED) or admission turns it away."""
+        queue = self._queues.setdefault(ticket.model, FairQueue())
         if len(queue) >= self._max_queue_size:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"queue for model {ticket.model} is full ({self._max_queue_size} waiting)",
                 retry_after_s=1.0,
             )
-        queue.append(ticket)
+        ticket.cost = self.admission.check(ticket.model, ticket.item.job, ticket.deadline)
+        if not queue:
+            self._shares.backlogged(ticket.model)
+        queue.push(ticket, ticket.flow or f"request:{ticket.request_id}", ticket.cost.units)
         self._queue_changed(ticket.model)
         log.debug("queued for %s behind %d", ticket.model, len(queue) - 1)
         self._note_load(ticket.model)
@@ -191,7 +237,7 @@ class Scheduler:
 
     def fail_queued(self, model: str, reason: str) -> None:
         """End every ticket queued for ``model`` with UNAVAILABLE (safe to retry)."""
-        queue = self._queues.pop(model, deque())
+        queue = self._queues.pop(model, FairQueue())
         self._queue_changed(model)
         for ticket in queue:
             ticket.deliver(Failed(ticket.request_id, "UNAVAILABLE", reason))
@@ -204,45 +250,94 @@ class Scheduler:
             if self._metrics is not None:
                 self._metrics.inflight.labels(ticket.model).dec()
 
-    def batch_done(self, model: str) -> None:
-        """A worker finished a batch of ``model``; its clients may be about to return."""
+    def batch_done(
+        self,
+        model: str,
+        batch_id: int | None = None,
+        seconds: float = 0.0,
+        step_seconds: float | None = None,
+    ) -> None:
+        """A worker finished batch ``batch_id`` of ``model`` in ``seconds`` (0:
+        not measured), ``step_seconds`` a step where it reported its steps;
+        its clients may be about to return."""
         self._freed_at[model] = time.monotonic()
+        batch = self._batches.pop(batch_id, None) if batch_id is not None else None
+        if batch is not None and seconds > 0:
+            self._shares.correct(model, seconds - batch.charged_s)
+            # A batch cut short by a failure or a cancellation says nothing
+            # about how fast the model is.
+            if all(ticket.succeeded for ticket in batch.tickets):
+                costs = [ticket.cost for ticket in batch.tickets if ticket.cost is not None]
+                if step_seconds is None and costs:
+                    step_seconds = seconds / max(cost.steps for cost in costs)
+                if step_seconds is not None:
+                    self.admission.step_times.observe(model, costs, step_seconds)
         self.dispatch()
 
+    def batch_lost(self, batch_id: int) -> None:
+        """Batch ``batch_id`` will never be done: its worker died."""
+        self._batches.pop(batch_id, None)
+
     def dispatch(self) -> None:
-        """Give queued tickets to idle workers. Called on submit, whenever a
-        worker becomes free, and when a held-back batch has waited long enough."""
+        """Give queued tickets to idle workers, fairly. Called on submit,
+        whenever a worker becomes free, and when a held-back batch has waited
+        long enough."""
         if self._workers is None:
             return
-        for model, queue in self._queues.items():
-            moved = self._drop_expired(queue)
-            while queue:
-                worker = self._workers.idle_worker(model)
-                if worker is None:
-                    break
-                batch = self._take_batch(model, queue)
-                if not batch:
-                    break
-                now = time.monotonic()
-                for ticket in batch:
-                    ticket.worker = worker
-                    ticket.started_at = now
-                    ticket.batch_size = len(batch)
-                    ticket.running = True
-                weight = sum(batch_weight(t.item.job) for t in batch)
-                self._running[model] = self._running.get(model, 0) + weight
-                batch_id = next(self._batch_ids)
-                self._batch_started(model, batch, now)
-                if log.isEnabledFor(logging.DEBUG):
-                    ids = " ".join(t.request_id for t in batch)
-                    log.debug("batch %d of %s to %s: %s", batch_id, model, worker, ids)
-                self._workers.run(worker, batch_id, model, batch)
-                moved = True
-            if moved:
-                self._queue_changed(model)
-                self._report_positions(model)
+        changed = {model for model, queue in self._queues.items() if self._drop_expired(queue)}
+        # Models holding their batch back for companions keep a worker for it.
+        held: set[str] = set()
+        kept: set[str] = set()
+        while True:
+            candidates = []
+            for model, queue in self._queues.items():
+                if queue and model not in held:
+                    worker = self._workers.idle_worker(model, kept)
+                    if worker is not None:
+                        candidates.append(
+                            (self._shares.tag(model), queue.head().enqueued_at, model, worker)
+                        )
+            if not candidates:
+                break
+            _, _, model, worker = min(candidates)
+            queue = self._queues[model]
+            batch = self._take_batch(model, queue)
+            if not batch:
+                held.add(model)
+                kept.add(worker)
+                continue
+            self._start(model, worker, batch)
+            changed.add(model)
+        for model in changed:
+            self._queue_changed(model)
+            self._report_positions(model)
 
     # ------------------------------------------------------------ internals
+
+    def _start(self, model: str, worker: str, batch: list[Ticket]) -> None:
+        """Hand ``batch`` (taken from ``model``'s queue) to ``worker``."""
+        now = time.monotonic()
+        for ticket in batch:
+            ticket.worker = worker
+            ticket.started_at = now
+            ticket.batch_size = len(batch)
+            ticket.running = True
+        weight = sum(batch_weight(t.item.job) for t in batch)
+        self._running[model] = self._running.get(model, 0) + weight
+        costs = [ticket.cost for ticket in batch if ticket.cost is not None]
+        speed = self.admission.step_times.of(model)
+        charged = UNMEASURED_BATCH_S
+        if speed is not None and costs:
+            steps = max(cost.steps for cost in costs)
+            charged = steps * speed.step_seconds(sum(cost.step_units for cost in costs))
+        self._shares.charge(model, charged)
+        batch_id = next(self._batch_ids)
+        self._batches[batch_id] = _Batch(model, charged, batch)
+        self._batch_started(model, batch, now)
+        if log.isEnabledFor(logging.DEBUG):
+            ids = " ".join(t.request_id for t in batch)
+            log.debug("batch %d of %s to %s: %s", batch_id, model, worker, ids)
+        self._workers.run(worker, batch_id, model, batch)
 
     def _queue_changed(self, model: str) -> None:
         if self._metrics is not None:
@@ -256,25 +351,29 @@ class Scheduler:
         waited = [now - ticket.enqueued_at for ticket in batch]
         self._metrics.batch_started(model, len(batch), waited)
 
-    def _take_batch(self, model: str, queue: deque[Ticket]) -> list[Ticket]:
+    def _take_batch(self, model: str, queue: FairQueue[Ticket]) -> list[Ticket]:
         """Remove and return the next batch from ``queue``; [] to wait for
         companions (a timer then calls :meth:`dispatch` again)."""
-        head = queue[0]
+        head = queue.head()
         limit = self.policy(model).max_batch_size
+        max_pixels = self.admission.limits(model).max_pixels
         key = batch_key(head.item.job)
-        batch, weight = [head], batch_weight(head.item.job)
+        batch, weight, pixels = [head], batch_weight(head.item.job), _pixels(head)
         if key is not None:
             for ticket in itertools.islice(queue, 1, None):
                 if weight >= limit:
                     break
                 more = batch_weight(ticket.item.job)
-                if weight + more <= limit and batch_key(ticket.item.job) == key:
-                    batch.append(ticket)
-                    weight += more
+                if weight + more > limit or batch_key(ticket.item.job) != key:
+                    continue
+                if max_pixels is not None and pixels + _pixels(ticket) > max_pixels:
+                    continue
+                batch.append(ticket)
+                weight += more
+                pixels += _pixels(ticket)
             if weight < limit and self._hold_back(model, head, weight):
                 return []
-        for ticket in batch:
-            queue.remove(ticket)
+        queue.take(batch)
         return batch
 
     def _hold_back(self, model: str, head: Ticket, weight: int) -> bool:
@@ -310,7 +409,7 @@ class Scheduler:
         self._wake_timers.pop(model, None)
         self.dispatch()
 
-    def _drop_expired(self, queue: deque[Ticket]) -> bool:
+    def _drop_expired(self, queue: FairQueue[Ticket]) -> bool:
         """End queued tickets whose deadline passed before their timer ran."""
         now = time.monotonic()
         expired = [t for t in queue if t.deadline is not None and t.deadline <= now]
@@ -324,9 +423,8 @@ class Scheduler:
     def _unqueue(self, ticket: Ticket) -> bool:
         """Take ``ticket`` out of its queue; False when it was not queued."""
         queue = self._queues.get(ticket.model)
-        if queue is None or ticket not in queue:
+        if queue is None or not queue.remove(ticket):
             return False
-        queue.remove(ticket)
         self._queue_changed(ticket.model)
         self._report_positions(ticket.model)
         # The ticket may have led a batch that was waiting for companions.
@@ -338,3 +436,7 @@ class Scheduler:
             if ticket._position != position:
                 ticket._position = position
                 ticket.deliver(QueuePosition(position))
+
+
+def _pixels(ticket: Ticket) -> int:
+    return ticket.cost.pixels if ticket.cost is not None else 0

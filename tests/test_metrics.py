@@ -324,7 +324,7 @@ class BusyWorkers:
     def __init__(self) -> None:
         self.free = False
 
-    def idle_worker(self, model: str) -> str | None:
+    def idle_worker(self, model: str, exclude=frozenset()) -> str | None:
         return "worker-0" if self.free else None
 
     def worker_count(self, model: str) -> int:

@@ -33,7 +33,7 @@ class FakeWorkers:
         self.ran: list[tuple[str, list[str]]] = []
         self.cancelled: list[str] = []
 
-    def idle_worker(self, model: str) -> str | None:
+    def idle_worker(self, model: str, exclude=frozenset()) -> str | None:
         return "worker-0" if self.free > 0 else None
 
     def worker_count(self, model: str) -> int:

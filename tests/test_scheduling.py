@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
 from collections.abc import Callable
 
@@ -303,8 +304,13 @@ def test_a_deadline_passing_mid_generation_stops_it_and_frees_the_worker(server)
         timing = []
         client.generate_result("timing", steps=3, **size, on_event=timing.append)
     steps = [e.progress.elapsed_seconds for e in timing if e.HasField("progress")]
-    # A deadline some ten steps in, far short of the 150 asked for.
-    deadline = 1.0 + 10 * (steps[-1] - steps[0]) / 2
+    step_s = (steps[-1] - steps[0]) / 2
+    # Long enough for the whole run, or it would be refused at once; but the
+    # run waits in the queue, behind a longer one, until only some ten
+    # steps' time is left.
+    deadline = 5.0 + 150 * step_s * 1.5
+    release = hold_worker(server.target, size=768)
+    threading.Timer(deadline - (1.0 + 10 * step_s), release).start()
     with ImagoClient(server.target, timeout=deadline) as hurried:
         progress = []
         with pytest.raises(grpc.RpcError) as caught:
