@@ -1,7 +1,8 @@
 """Per-model request queues, dynamic batching and the hand-off to idle workers.
 
-A :class:`Ticket` is one request's life in the frontend: queued here, then
-running on a worker, with every event for it landing in ``ticket.events``.
+A :class:`~imago.server.tickets.Ticket` is one request's life in the
+frontend: queued here, then running on a worker, with every event for it
+landing in ``ticket.events``.
 
 Which batch a free worker runs is decided fairly (:mod:`imago.server.fairness`):
 among the models it holds, the one with the lowest virtual start time goes
@@ -43,18 +44,21 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 
 from imago.server.admission import Admission
-from imago.server.costs import Cost, StepTimes
+from imago.server.costs import StepTimes
 from imago.server.errors import RequestError
 from imago.server.fairness import FairQueue, ModelShares
 from imago.server.metrics import Metrics
+from imago.server.tickets import QueuePosition, Ticket
 from imago.workers.presets import BatchPolicy
-from imago.workers.protocol import Failed, Outcome, WorkItem, batch_key, batch_weight
+from imago.workers.protocol import Failed, batch_key, batch_weight
+
+__all__ = ["QueuePosition", "Scheduler", "Ticket", "Workers"]
 
 log = logging.getLogger("imago.scheduler")
 
@@ -65,58 +69,6 @@ UNBATCHED = BatchPolicy(max_batch_size=1, max_batch_delay_ms=0.0)
 #: Seconds a batch of a model that has not finished one yet is charged in the
 #: fair share between models (its true cost replaces this once it is done).
 UNMEASURED_BATCH_S = 0.1
-
-
-@dataclass(frozen=True)
-class QueuePosition:
-    """Local event: the ticket's place in its model's queue (0 = next)."""
-
-    position: int
-
-
-@dataclass(eq=False)
-class Ticket:
-    request_id: str
-    model: str
-    item: WorkItem
-    frames: list[bytes]
-    # Monotonic time (asyncio's loop clock) by which the request must end.
-    deadline: float | None = None
-    # The client connection it came on: requests of one flow share a fair
-    # share of their model's queue. "" : a flow of its own.
-    flow: str = ""
-    # (message, frames) pairs: protocol messages from the worker, QueuePosition.
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    enqueued_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None
-    worker: str | None = None
-    # Requests in the batch this ticket ran in, itself included.
-    batch_size: int = 0
-    finished: bool = False
-    # On a worker: dispatched and not yet answered by it.
-    running: bool = False
-    # Whether it ended with a result (not a failure or a cancellation).
-    succeeded: bool = False
-    # Its work, as admission measured it when it was queued.
-    cost: Cost | None = None
-    _position: int = -1
-    _deadline_timer: asyncio.TimerHandle | None = None
-
-    def deliver(self, message, frames: list[bytes] = ()) -> None:
-        """Hand an event to whoever waits on this ticket; nothing after the last one."""
-        if self.finished:
-            return
-        if isinstance(message, Outcome):
-            self.finish()
-            self.succeeded = not isinstance(message, Failed)
-        self.events.put_nowait((message, list(frames)))
-
-    def finish(self) -> None:
-        """Take no more events, and forget the deadline."""
-        self.finished = True
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
 
 
 class Workers(Protocol):
