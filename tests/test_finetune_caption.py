@@ -4,6 +4,7 @@ frozen, the labels, and the adapter served by a real server."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -265,3 +266,14 @@ def test_the_command_line_trains_an_adapter(caption_data, model_cache, tmp_path)
     assert done.stdout.strip() == str(out)
     assert (out / "adapter_config.json").is_file()
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_adapter_files_are_readable_by_every_user_as_the_umask_allows(adapters):
+    directory, _ = adapters
+    files = [path for path in (directory / "square").rglob("*") if path.is_file()]
+    assert files
+    # Under the usual umask 022: a server running as another user reads them.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(path.stat().st_mode & 0o777) for path in files} == {oct(0o666 & ~umask)}
+    assert (directory / "square").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -348,3 +349,11 @@ def test_the_command_line_names_an_image_without_text_and_exits_2(tmp_path, mode
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and "uncaptioned.png" in done.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_adapter_file_is_readable_by_every_user_as_the_umask_allows(red_adapter):
+    _, path = red_adapter
+    # safetensors writes 0600; a server running as another user must read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

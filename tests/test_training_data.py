@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from imago.workers.training import (
     autocast_dtype,
     batches,
     load_examples,
+    share_readable,
 )
 
 
@@ -149,3 +151,19 @@ def test_half_precision_is_for_gpus_only():
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("no", cpu) is None
     with pytest.raises(ValueError, match="needs a CUDA device"):
         autocast_dtype("bf16", cpu)
+
+
+def test_share_readable_gives_a_folder_and_its_files_the_umasks_modes(tmp_path):
+    folder = tmp_path / "adapter"
+    (folder / "inner").mkdir(parents=True)
+    for path in (folder / "a.safetensors", folder / "inner" / "b.json"):
+        path.write_bytes(b"x")
+        path.chmod(0o600)
+    (folder / "inner").chmod(0o700)
+    old = os.umask(0o027)
+    try:
+        share_readable(folder)
+    finally:
+        os.umask(old)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in [folder, *folder.rglob("*")]}
+    assert modes == {"adapter": 0o750, "inner": 0o750, "a.safetensors": 0o640, "b.json": 0o640}

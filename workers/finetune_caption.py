@@ -50,6 +50,7 @@ from imago.workers.training import (
     pick_device,
     progress_bar,
     running_loss,
+    share_readable,
 )
 
 PARTS = ("qformer", "lora", "both")
@@ -230,6 +231,7 @@ def save(peft_model: PeftModel, folder: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     peft_model.save_pretrained(str(staging))
+    share_readable(staging)
     if folder.exists():
         folder.rename(old)
     staging.rename(folder)

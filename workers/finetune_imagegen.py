@@ -41,6 +41,7 @@ from imago.workers.training import (
     pick_device,
     progress_bar,
     running_loss,
+    share_readable,
 )
 
 #: The UNet modules the LoRA adapts: every attention layer's projections.
@@ -256,6 +257,7 @@ def save_adapter(unet: Any, path: Path) -> None:
     StableDiffusionPipeline.save_lora_weights(
         path.parent, unet_lora_layers=layers, weight_name=partial, safe_serialization=True
     )
+    share_readable(path.parent / partial)
     os.replace(path.parent / partial, path)
 
 

@@ -16,6 +16,7 @@ folder and in its subfolders.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -224,3 +225,15 @@ class Optimizer:
 def running_loss(running: float | None, value: float) -> float:
     """The progress bar's smoothed loss after a step whose loss was ``value``."""
     return value if running is None else running + LOSS_SMOOTHING * (value - running)
+
+
+def share_readable(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes a
+    newly created file or folder gets under the process's umask (0644 and
+    0755 under the usual 022). safetensors writes its files 0600, which a
+    server running as another user (as in the container) could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in paths:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
