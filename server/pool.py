@@ -356,6 +356,9 @@ class WorkerPool:
             worker.idle_since = worker.ready_at = time.monotonic()
             worker.was_ready = True
             log.info("%s ready on %s (pid %d)", worker.worker_id, worker.device, message.pid)
+            for name, info in worker.models.items():
+                if info.adapters:
+                    log.info("%s loaded adapters for %s: %s", worker.worker_id, name, info.adapters)
             if self._metrics is not None:
                 self._metrics.worker_up.labels(worker.worker_id, worker.device).set(1)
             if self._startup and not self._startup.done():

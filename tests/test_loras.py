@@ -154,3 +154,7 @@ def test_the_command_line_applies_an_adapter_by_name_and_weight(lora_server, tmp
     assert "Model: sd-tiny" in Image.open(out).text["parameters"]
     missing = subprocess.run([*command[:-1], "nope"], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_the_adapters_loaded_are_logged_at_start(lora_server):
+    assert "loaded adapters for sd-tiny: ['ink']" in lora_server.log()
