@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -305,12 +306,18 @@ def test_a_deadline_passing_mid_generation_stops_it_and_frees_the_worker(server)
         client.generate_result("timing", steps=3, **size, on_event=timing.append)
     steps = [e.progress.elapsed_seconds for e in timing if e.HasField("progress")]
     step_s = (steps[-1] - steps[0]) / 2
-    # Long enough for the whole run, or it would be refused at once; but the
-    # run waits in the queue, behind a longer one, until only some ten
-    # steps' time is left.
-    deadline = 5.0 + 150 * step_s * 1.5
+    # The server refuses at once a run it estimates longer than its deadline;
+    # ask it for its estimate of this one.
+    with ImagoClient(server.target, timeout=0.05) as probe:
+        with pytest.raises(grpc.RpcError) as refused:
+            probe.generate_result("too long", steps=150, **size)
+    estimate = re.search(r"would take about ([0-9.]+)s", refused.value.details() or "")
+    assert estimate, refused.value.details()
+    # Long enough for the whole run, so it is queued; but it waits behind a
+    # longer run until only some ten steps' time is left.
+    deadline = float(estimate.group(1)) + 2.0
     release = hold_worker(server.target, size=768)
-    threading.Timer(deadline - (1.0 + 10 * step_s), release).start()
+    threading.Timer(deadline - (1.5 + 10 * step_s), release).start()
     with ImagoClient(server.target, timeout=deadline) as hurried:
         progress = []
         with pytest.raises(grpc.RpcError) as caught:
