@@ -111,6 +111,12 @@ def start_server(
     return server
 
 
+def serve_once(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``imago serve`` with ``argv`` run to its end (for options it refuses at start)."""
+    command = [sys.executable, "-m", "imago.client.cli", "serve", "--port", "0", *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """One cache of tiny checkpoints for the whole test session."""

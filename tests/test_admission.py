@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import grpc
 import pytest
+from conftest import serve_once
 
 from imago.server.admission import (
     CPU_MAX_PIXELS,
@@ -202,11 +201,6 @@ def test_model_weights_default_to_one_and_must_be_positive():
     ],
 )
 def test_imago_serve_exits_2_naming_a_bad_fairness_or_admission_option(argv, named):
-    result = subprocess.run(
-        [sys.executable, "-m", "imago.client.cli", "serve", "--port", "0", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_once(*argv)
     assert result.returncode == 2
     assert named in result.stderr

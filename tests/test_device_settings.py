@@ -5,10 +5,9 @@ and which entries are refused before any worker starts."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
+from conftest import serve_once
 
 from imago.client.cli import build_parser
 from imago.client.serving import serve_config
@@ -128,11 +127,6 @@ def test_serve_options_work_on_the_arch_presets():
     ],
 )
 def test_imago_serve_exits_2_naming_a_bad_device_option(argv, named):
-    result = subprocess.run(
-        [sys.executable, "-m", "imago.client.cli", "serve", "--port", "0", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_once(*argv)
     assert result.returncode == 2
     assert named in result.stderr
