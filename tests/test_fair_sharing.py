@@ -87,7 +87,7 @@ def test_a_caption_waits_about_one_generation_batch_behind_a_generation_backlog(
     assert not load.errors
     batch_s = max(result.info.inference_seconds for result in load.results)
     waits = [response.info.queue_seconds for response in captions]
-    assert max(waits) <= 2 * batch_s + 0.5, f"caption waits {waits}, batches take {batch_s:.2f}s"
+    assert max(waits) <= 2 * batch_s + 2.0, f"caption waits {waits}, batches take {batch_s:.2f}s"
 
 
 def test_a_generation_waits_about_one_caption_batch_behind_a_caption_backlog(fresh_server):
@@ -103,7 +103,7 @@ def test_a_generation_waits_about_one_caption_batch_behind_a_caption_backlog(fre
     assert not load.errors
     batch_s = max(response.info.inference_seconds for response in load.results)
     waits = [result.info.queue_seconds for result in generations]
-    assert max(waits) <= 2 * batch_s + 0.5, f"generation waits {waits}, batches take {batch_s:.2f}s"
+    assert max(waits) <= 2 * batch_s + 2.0, f"generation waits {waits}, batches take {batch_s:.2f}s"
 
 
 def test_single_captions_are_not_starved_by_another_clients_bulk_stream(fresh_server):
