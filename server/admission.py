@@ -28,7 +28,7 @@ import grpc
 
 from imago.server.costs import Cost, StepTimes, cost_of
 from imago.server.errors import RequestError
-from imago.workers.protocol import Job, TextToImageJob
+from imago.workers.contract.protocol import Job, TextToImageJob
 
 #: Pixels (width x height x images) a request or batch may have on a CPU
 #: worker unless --max-pixels says otherwise: 8 images of 512 x 512.

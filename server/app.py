@@ -34,7 +34,7 @@ from imago.server.servicers import (
     VqaServicer,
 )
 from imago.v1 import align_pb2_grpc, caption_pb2_grpc, imagegen_pb2_grpc, vqa_pb2_grpc
-from imago.workers.presets import model_for_service
+from imago.workers.contract.presets import model_for_service
 
 log = logging.getLogger("imago")
 

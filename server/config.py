@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imago.workers.presets import (
+from imago.workers.contract.presets import (
     STABLE_DIFFUSION,
     ModelSpec,
     per_model,
@@ -13,7 +13,7 @@ from imago.workers.presets import (
     with_batching,
     with_overrides,
 )
-from imago.workers.settings import SettingEntries, with_device_settings
+from imago.workers.contract.settings import SettingEntries, with_device_settings
 
 MiB = 1024 * 1024
 #: Seconds a busy worker may report nothing before it is restarted, unless

@@ -36,7 +36,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
-from imago.workers.protocol import (
+from imago.workers.contract.protocol import (
     CaptionJob,
     EmbedImagesJob,
     EmbedTextsJob,

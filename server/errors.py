@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from imago.v1 import common_pb2
-from imago.workers.protocol import Failed
+from imago.workers.contract.protocol import Failed
 
 
 @dataclass

@@ -22,7 +22,7 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from imago.workers.protocol import Heartbeat
+    from imago.workers.contract.protocol import Heartbeat
 
 #: Buckets for request, queue and inference durations, in seconds: from a
 #: cached caption (milliseconds) to a long generation (minutes).

@@ -42,8 +42,8 @@ import grpc
 
 from imago.server.errors import RequestError, abort
 from imago.server.fairness import set_flow
-from imago.server.logs import current_request_id, set_request_id
 from imago.server.metrics import Metrics
+from imago.workers.contract.logs import current_request_id, set_request_id
 
 __all__ = [
     "REQUEST_ID_HEADER",

@@ -2,7 +2,7 @@
 
 The frontend binds one ROUTER socket on a private Unix socket; each worker
 process connects a DEALER whose identity is its worker id. Headers are
-msgspec/msgpack structs from :mod:`imago.workers.protocol`; image bytes
+msgspec/msgpack structs from :mod:`imago.workers.contract.protocol`; image bytes
 travel as extra frames. Workers are spawned (never forked), so no CUDA or
 thread state leaks from the frontend into them.
 
@@ -31,13 +31,12 @@ import zmq
 import zmq.asyncio
 
 from imago.server.devices import cpu_threads
-from imago.server.logs import current_format
 from imago.server.metrics import Metrics
 from imago.server.scheduler import Scheduler, Ticket
 from imago.server.supervisor import Supervisor
-from imago.workers import main as worker_main
-from imago.workers.presets import ModelSpec
-from imago.workers.protocol import (
+from imago.workers.contract.logs import current_format
+from imago.workers.contract.presets import ModelSpec
+from imago.workers.contract.protocol import (
     AdaptersReloaded,
     BatchDone,
     Cancel,
@@ -57,6 +56,7 @@ from imago.workers.protocol import (
     encode,
     from_worker_decoder,
 )
+from imago.workers.runtime import main as worker_main
 
 log = logging.getLogger("imago.pool")
 

@@ -55,8 +55,8 @@ from imago.server.errors import RequestError
 from imago.server.fairness import FairQueue, ModelShares
 from imago.server.metrics import Metrics
 from imago.server.tickets import QueuePosition, Ticket
-from imago.workers.presets import BatchPolicy
-from imago.workers.protocol import Failed, batch_key, batch_weight
+from imago.workers.contract.presets import BatchPolicy
+from imago.workers.contract.protocol import Failed, batch_key, batch_weight
 
 __all__ = ["QueuePosition", "Scheduler", "Ticket", "Workers"]
 

@@ -30,7 +30,7 @@ from imago.v1 import (
     vqa_pb2,
     vqa_pb2_grpc,
 )
-from imago.workers import protocol
+from imago.workers.contract import protocol
 
 CAPTION = "imago.v1.CaptionService"
 VQA = "imago.v1.VqaService"

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from imago.server.costs import Cost
-from imago.workers.protocol import Failed, Outcome, WorkItem
+from imago.workers.contract.protocol import Failed, Outcome, WorkItem
 
 
 @dataclass(frozen=True)

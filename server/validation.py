@@ -16,8 +16,8 @@ from imago.server.config import Limits
 from imago.server.errors import RequestError, invalid
 from imago.server.images import check_image, image_size, output_format
 from imago.v1 import align_pb2, caption_pb2, common_pb2, imagegen_pb2, vqa_pb2
-from imago.workers.adapters import check_name as check_adapter_name
-from imago.workers.protocol import (
+from imago.workers.contract.adapters import check_name as check_adapter_name
+from imago.workers.contract.protocol import (
     CaptionJob,
     EmbedImagesJob,
     EmbedTextsJob,
@@ -29,7 +29,7 @@ from imago.workers.protocol import (
     TextToImageJob,
     VqaJob,
 )
-from imago.workers.schedulers import check_scheduler
+from imago.workers.contract.schedulers import check_scheduler
 
 MAX_SEED = 2**64 - 1
 

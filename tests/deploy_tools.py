@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from imago.client.cli import build_parser
-from imago.client.serving import serve_config
+from imago.client.cli.serve import serve_config
 from imago.server.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parent.parent

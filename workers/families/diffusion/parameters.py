@@ -1,0 +1,43 @@
+"""The generation parameters embedded in PNG results.
+
+They are written as one text chunk named ``parameters`` in the layout
+AUTOMATIC1111's web UI writes and that image browsers, ComfyUI loaders and
+model-sharing sites read back: the prompt, an optional ``Negative prompt:``
+line, then comma-separated ``key: value`` settings.
+"""
+
+from __future__ import annotations
+
+from imago.workers.contract.protocol import ImageToImageJob, TextToImageJob
+
+#: How those tools name each scheduler imago offers.
+SAMPLER_LABELS: dict[str, str] = {
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "euler": "Euler",
+    "euler_ancestral": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "lms": "LMS",
+    "unipc": "UniPC",
+}
+
+
+def parameters_text(job: TextToImageJob, seed: int, model: str, sampler: str) -> str:
+    """The ``parameters`` text of the image made with ``seed`` by ``job`` on
+    ``model``; ``sampler`` labels the scheduler that ran."""
+    lines = [job.prompt]
+    if job.negative_prompt:
+        lines.append(f"Negative prompt: {job.negative_prompt}")
+    settings = [
+        ("Steps", job.steps),
+        ("Sampler", sampler),
+        ("CFG scale", f"{job.guidance_scale:g}"),
+        ("Seed", seed),
+        ("Size", f"{job.width}x{job.height}"),
+        ("Model", model),
+    ]
+    if isinstance(job, ImageToImageJob):
+        settings.append(("Denoising strength", f"{job.strength:g}"))
+    lines.append(", ".join(f"{key}: {value}" for key, value in settings))
+    return "\n".join(lines)
