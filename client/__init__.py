@@ -5,5 +5,23 @@ and never the server.
 """
 
 from imago.client.api import AsyncImagoClient, ImagoClient, image_bytes
+from imago.client.options import (
+    DiffusionOptions,
+    ImageToImage,
+    Inpaint,
+    OutputOptions,
+    PreviewOptions,
+    TextOptions,
+)
 
-__all__ = ["AsyncImagoClient", "ImagoClient", "image_bytes"]
+__all__ = [
+    "AsyncImagoClient",
+    "DiffusionOptions",
+    "ImageToImage",
+    "ImagoClient",
+    "Inpaint",
+    "OutputOptions",
+    "PreviewOptions",
+    "TextOptions",
+    "image_bytes",
+]

@@ -4,11 +4,14 @@
 Both speak the ``imago.v1`` API and the standard ``grpc.health.v1`` service::
 
     with ImagoClient("localhost:50051") as client:
-        reply = client.caption("cat.jpg", num_beams=3)
+        reply = client.caption("cat.jpg", generation=TextOptions(num_beams=3))
         print(reply.captions[0].text)
 
-        result = client.generate_result("a red fox in snow", seed=7)
+        result = client.generate_result("a red fox in snow", diffusion=DiffusionOptions(seed=7))
         open("fox.png", "wb").write(result.images[0].image.data)
+
+What a request asks for comes in the option objects of
+:mod:`imago.client.options`, each defaulting to the server's defaults.
 
 gRPC failures surface as :class:`grpc.RpcError` (``grpc.aio.AioRpcError`` for
 the async client), carrying the status code and details the server sent.
@@ -26,7 +29,6 @@ from imago.client.balancing import channel_target
 from imago.client.channels import Security, open_aio_channel, open_channel
 from imago.client.messages import (
     GENERATION_FIELDS,
-    ImageInput,
     ask_request,
     caption_request,
     embed_images_request,
@@ -37,12 +39,20 @@ from imago.client.messages import (
     image_format,
     match_request,
 )
+from imago.client.options import (
+    DiffusionOptions,
+    ImageInput,
+    ImageToImage,
+    Inpaint,
+    OutputOptions,
+    PreviewOptions,
+    TextOptions,
+)
 from imago.v1 import (
     align_pb2,
     align_pb2_grpc,
     caption_pb2,
     caption_pb2_grpc,
-    common_pb2,
     imagegen_pb2,
     imagegen_pb2_grpc,
     vqa_pb2,
@@ -161,18 +171,17 @@ class ImagoClient(_ClientBase):
         *,
         prefix: str = "",
         adapter: str = "",
-        generation: common_pb2.GenerationSettings | None = None,
-        **settings: Any,
+        generation: TextOptions | None = None,
     ) -> caption_pb2.CaptionResponse:
         """Captions ``image`` (bytes, path or PIL image).
 
         ``prefix`` is text the caption must start with. ``adapter`` names an
         adapter the server has loaded (``imago serve --caption-adapter-dir``);
-        "" captions with the base model. Generation settings come from
-        ``generation`` and/or keywords named after its fields
-        (``max_new_tokens=20``, ``num_beams=3``, ``seed=1`` ...).
+        "" captions with the base model. ``generation`` says how the text is
+        generated (``TextOptions(max_new_tokens=20, num_beams=3)`` ...); None
+        takes the model's defaults.
         """
-        request = caption_request(image, prefix, generation, adapter=adapter, **settings)
+        request = caption_request(image, prefix, generation=generation, adapter=adapter)
         return self._caption.Caption(request, timeout=self.timeout)
 
     def caption_stream(
@@ -195,24 +204,36 @@ class ImagoClient(_ClientBase):
         question: str,
         *,
         adapter: str = "",
-        generation: common_pb2.GenerationSettings | None = None,
-        **settings: Any,
+        generation: TextOptions | None = None,
     ) -> vqa_pb2.AskResponse:
-        """Answers ``question`` about ``image``; ``adapter`` and settings as
-        for :meth:`caption`."""
-        request = ask_request(image, question, generation, adapter=adapter, **settings)
+        """Answers ``question`` about ``image``; ``adapter`` and ``generation``
+        as for :meth:`caption`."""
+        request = ask_request(image, question, generation=generation, adapter=adapter)
         return self._vqa.Ask(request, timeout=self.timeout)
 
-    def generate(self, prompt: str, **options: Any) -> Iterator[imagegen_pb2.GenerateResponse]:
-        """Streams the events of one generation; ``options`` are the keywords
-        of :func:`generate_request`.
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        diffusion: DiffusionOptions | None = None,
+        previews: PreviewOptions | None = None,
+        output: OutputOptions | None = None,
+        edit: ImageToImage | Inpaint | None = None,
+    ) -> Iterator[imagegen_pb2.GenerateResponse]:
+        """Streams the events of one generation; the options are those of
+        :func:`~imago.client.messages.generate_request`.
 
         Events come in order: queued (again when the position changes),
         started, progress for every step with a preview every
-        ``preview_every`` steps, and the result. Stopping the iteration early
-        cancels the generation on the server.
+        ``previews.every_n_steps`` steps, and the result. Stopping the
+        iteration early cancels the generation on the server.
         """
-        return self._stream(generate_request(prompt, **options))
+        request = generate_request(
+            prompt, negative_prompt=negative_prompt, diffusion=diffusion,
+            previews=previews, output=output, edit=edit,
+        )  # fmt: skip
+        return self._stream(request)
 
     def _stream(
         self, request: imagegen_pb2.GenerateRequest
@@ -230,8 +251,8 @@ class ImagoClient(_ClientBase):
         on_event: Callable[[imagegen_pb2.GenerateResponse], object] | None = None,
         **options: Any,
     ) -> imagegen_pb2.Result:
-        """Runs :meth:`generate` with the same options to the end, passing each
-        event to ``on_event``, and returns the Result."""
+        """Runs :meth:`generate` with the same options (keywords) to the end,
+        passing each event to ``on_event``, and returns the Result."""
         for event in self._stream(generate_request(prompt, **options)):
             if on_event is not None:
                 on_event(event)
@@ -294,11 +315,10 @@ class AsyncImagoClient(_ClientBase):
         *,
         prefix: str = "",
         adapter: str = "",
-        generation: common_pb2.GenerationSettings | None = None,
-        **settings: Any,
+        generation: TextOptions | None = None,
     ) -> caption_pb2.CaptionResponse:
         """Captions ``image``; see :meth:`ImagoClient.caption`."""
-        request = caption_request(image, prefix, generation, adapter=adapter, **settings)
+        request = caption_request(image, prefix, generation=generation, adapter=adapter)
         return await self._caption.Caption(request, timeout=self.timeout)
 
     async def ask(
@@ -307,17 +327,29 @@ class AsyncImagoClient(_ClientBase):
         question: str,
         *,
         adapter: str = "",
-        generation: common_pb2.GenerationSettings | None = None,
-        **settings: Any,
+        generation: TextOptions | None = None,
     ) -> vqa_pb2.AskResponse:
         """Answers ``question`` about ``image``; see :meth:`ImagoClient.ask`."""
-        request = ask_request(image, question, generation, adapter=adapter, **settings)
+        request = ask_request(image, question, generation=generation, adapter=adapter)
         return await self._vqa.Ask(request, timeout=self.timeout)
 
-    def generate(self, prompt: str, **options: Any) -> AsyncIterator[imagegen_pb2.GenerateResponse]:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        diffusion: DiffusionOptions | None = None,
+        previews: PreviewOptions | None = None,
+        output: OutputOptions | None = None,
+        edit: ImageToImage | Inpaint | None = None,
+    ) -> AsyncIterator[imagegen_pb2.GenerateResponse]:
         """Async iterator (``async for``) over the events of one generation;
-        options those of :func:`generate_request`, events as for :meth:`ImagoClient.generate`."""
-        return self._stream(generate_request(prompt, **options))
+        options as for :meth:`ImagoClient.generate`, and so are the events."""
+        request = generate_request(
+            prompt, negative_prompt=negative_prompt, diffusion=diffusion,
+            previews=previews, output=output, edit=edit,
+        )  # fmt: skip
+        return self._stream(request)
 
     async def _stream(
         self, request: imagegen_pb2.GenerateRequest

@@ -1,4 +1,5 @@
-"""Building ``imago.v1`` request messages from plain Python values.
+"""Building ``imago.v1`` request messages from plain Python values and the
+option objects of :mod:`imago.client.options`.
 
 The clients in :mod:`imago.client.api` and the command line use these; they
 are public for callers that drive the stubs or bulk streams themselves.
@@ -6,22 +7,25 @@ are public for callers that drive the stubs or bulk streams themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from imago.client.options import (
+    DiffusionOptions,
+    ImageInput,
+    ImageToImage,
+    Inpaint,
+    OutputOptions,
+    PreviewOptions,
+    TextOptions,
+)
 from imago.v1 import align_pb2, caption_pb2, common_pb2, imagegen_pb2, vqa_pb2
 
-if TYPE_CHECKING:
-    from PIL import Image as PILImage
-
-    ImageInput = bytes | bytearray | memoryview | str | os.PathLike[str] | PILImage.Image
-else:
-    ImageInput = Any
-
-#: Names of the GenerationSettings fields, the keywords ``caption`` and ``ask`` accept.
+#: Names of the GenerationSettings fields, those of :class:`TextOptions` too.
 GENERATION_FIELDS: tuple[str, ...] = tuple(
     f.name for f in common_pb2.GenerationSettings.DESCRIPTOR.fields
 )
@@ -118,118 +122,116 @@ def generation_settings(
     return merged
 
 
+def text_settings(options: TextOptions | None = None) -> common_pb2.GenerationSettings:
+    """The GenerationSettings ``options`` stand for: the fields that are not
+    None set, the others unset (the model's defaults); None: all unset."""
+    if options is None:
+        return common_pb2.GenerationSettings()
+    return generation_settings(
+        **{field.name: getattr(options, field.name) for field in dataclasses.fields(options)}
+    )
+
+
 def caption_request(
     image: ImageInput,
     prefix: str = "",
-    generation: common_pb2.GenerationSettings | None = None,
     *,
+    generation: TextOptions | None = None,
     adapter: str = "",
-    **settings: Any,
 ) -> caption_pb2.CaptionRequest:
     """A CaptionRequest; see :meth:`ImagoClient.caption`."""
-    gen = generation_settings(generation, **settings)
     return caption_pb2.CaptionRequest(
-        image=_image_message(image), prefix=prefix, generation=gen, adapter=adapter
+        image=_image_message(image),
+        prefix=prefix,
+        generation=text_settings(generation),
+        adapter=adapter,
     )
 
 
 def ask_request(
     image: ImageInput,
     question: str,
-    generation: common_pb2.GenerationSettings | None = None,
     *,
+    generation: TextOptions | None = None,
     adapter: str = "",
-    **settings: Any,
 ) -> vqa_pb2.AskRequest:
     """An AskRequest; see :meth:`ImagoClient.ask`."""
-    gen = generation_settings(generation, **settings)
     return vqa_pb2.AskRequest(
-        image=_image_message(image), question=question, generation=gen, adapter=adapter
+        image=_image_message(image),
+        question=question,
+        generation=text_settings(generation),
+        adapter=adapter,
     )
+
+
+def _preview_message(previews: PreviewOptions) -> imagegen_pb2.PreviewOptions:
+    return imagegen_pb2.PreviewOptions(
+        every_n_steps=previews.every_n_steps,
+        format=image_format(previews.format),
+        max_size=previews.max_size,
+        method=preview_method_value(previews.method),
+        all_images=previews.all_images,
+    )
+
+
+def _set_task(request: imagegen_pb2.GenerateRequest, edit: ImageToImage | Inpaint | None) -> None:
+    if edit is None:
+        request.text_to_image.SetInParent()
+    elif isinstance(edit, Inpaint):
+        request.inpaint.image.CopyFrom(_image_message(edit.image))
+        request.inpaint.mask.CopyFrom(_image_message(edit.mask))
+        request.inpaint.strength = edit.strength
+    elif isinstance(edit, ImageToImage):
+        request.image_to_image.init_image.CopyFrom(_image_message(edit.init_image))
+        request.image_to_image.strength = edit.strength
+        if edit.style_image is not None:
+            request.image_to_image.style_image.CopyFrom(_image_message(edit.style_image))
+            request.image_to_image.style_scale = edit.style_scale
+    else:
+        raise TypeError(f"edit must be ImageToImage, Inpaint or None, not {type(edit).__name__}")
 
 
 def generate_request(
     prompt: str,
     *,
     negative_prompt: str = "",
-    width: int = 0,
-    height: int = 0,
-    steps: int = 0,
-    guidance_scale: float | None = None,
-    seed: int | None = None,
-    num_images: int = 1,
-    output_format: str | int = "png",
-    preview_every: int = 0,
-    preview_format: str | int = "jpeg",
-    preview_max_size: int = 0,
-    preview_method: str | int = "latent_rgb",
-    preview_all_images: bool = False,
-    scheduler: str = "",
-    init_image: ImageInput | None = None,
-    strength: float = 0.0,
-    output_quality: int = 0,
-    omit_parameters: bool = False,
-    mask_image: ImageInput | None = None,
-    loras: dict[str, float] | None = None,
-    style_image: ImageInput | None = None,
-    style_scale: float = 0.0,
+    diffusion: DiffusionOptions | None = None,
+    previews: PreviewOptions | None = None,
+    output: OutputOptions | None = None,
+    edit: ImageToImage | Inpaint | None = None,
 ) -> imagegen_pb2.GenerateRequest:
-    """A GenerateRequest: text-to-image; image-to-image when ``init_image``
-    (bytes, a path or a PIL image) is given, redrawing it by ``strength`` in
-    (0, 1] (0: the server's 0.8; the steps run are steps x strength, and the
-    output takes the init image's size unless ``width`` and ``height`` say
-    otherwise); inpainting with a ``mask_image`` as well, whose white pixels
-    are repainted (``strength`` 0 means 1).
+    """A GenerateRequest for ``prompt``, steered away from ``negative_prompt``.
 
-    0 and None take the server's defaults (native size, 30 steps, guidance
-    7.5, a random seed); an empty ``scheduler`` the model's own (else e.g.
-    "euler", "dpmpp_2m_karras"). ``preview_method`` is "latent_rgb" (cheap),
-    "taesd" (a tiny decoder, if the model has one) or "full" (the VAE);
-    previews show image 0 only unless ``preview_all_images``. ``loras`` maps
-    adapter names (loaded by the server) to weights. With an ``init_image``,
-    a ``style_image`` restyles it through the server's IP-Adapter at
-    ``style_scale`` in (0, 2] (0: 1). ``output_quality`` (1..100, 0: 95)
-    applies to JPEG and WebP; PNG results carry their generation parameters
-    unless ``omit_parameters``.
+    ``diffusion`` says how to draw (size, steps, guidance, seed, images,
+    scheduler, LoRA adapters), ``previews`` how often and how to show
+    progress, ``output`` how to encode the results; None takes each one's
+    defaults (the server's). ``edit`` None draws from the prompt alone
+    (text-to-image); an :class:`ImageToImage` redraws (and may restyle) an
+    image, an :class:`Inpaint` repaints the masked part of one. A format or
+    preview method name that is not known raises :class:`ValueError`.
     """
+    diffusion = DiffusionOptions() if diffusion is None else diffusion
+    output = OutputOptions() if output is None else output
     request = imagegen_pb2.GenerateRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
-        width=width,
-        height=height,
-        steps=steps,
-        num_images=num_images,
-        output_format=image_format(output_format),
-        previews=imagegen_pb2.PreviewOptions(
-            every_n_steps=preview_every,
-            format=image_format(preview_format),
-            max_size=preview_max_size,
-            method=preview_method_value(preview_method),
-            all_images=preview_all_images,
-        ),
-        scheduler=scheduler,
-        output_quality=output_quality,
-        omit_parameters=omit_parameters,
-        loras=[imagegen_pb2.LoraWeight(name=n, weight=w) for n, w in (loras or {}).items()],
+        width=diffusion.width,
+        height=diffusion.height,
+        steps=diffusion.steps,
+        num_images=diffusion.num_images,
+        output_format=image_format(output.format),
+        previews=_preview_message(PreviewOptions() if previews is None else previews),
+        scheduler=diffusion.scheduler,
+        output_quality=output.quality,
+        omit_parameters=not output.embed_parameters,
+        loras=[imagegen_pb2.LoraWeight(name=n, weight=w) for n, w in diffusion.loras],
     )
-    if mask_image is not None:
-        if init_image is None:
-            raise ValueError("mask_image needs init_image, the image to repaint")
-        request.inpaint.image.CopyFrom(_image_message(init_image))
-        request.inpaint.mask.CopyFrom(_image_message(mask_image))
-        request.inpaint.strength = strength
-    elif init_image is None:
-        request.text_to_image.SetInParent()
-    else:
-        request.image_to_image.init_image.CopyFrom(_image_message(init_image))
-        request.image_to_image.strength = strength
-        if style_image is not None:
-            request.image_to_image.style_image.CopyFrom(_image_message(style_image))
-            request.image_to_image.style_scale = style_scale
-    if guidance_scale is not None:
-        request.guidance_scale = guidance_scale
-    if seed is not None:
-        request.seed = seed
+    _set_task(request, edit)
+    # Unset (not 0) takes the server's default: only values given are set.
+    if diffusion.guidance_scale is not None:
+        request.guidance_scale = diffusion.guidance_scale
+    if diffusion.seed is not None:
+        request.seed = diffusion.seed
     return request
 
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from imago.server.costs import Cost, StepTimes, cost_of
+from imago.server.costs import StepTimes
 from imago.server.errors import RequestError
-from imago.workers.contract.protocol import Job, TextToImageJob
+from imago.workers.contract.jobs import Cost, Job
 
 #: Pixels (width x height x images) a request or batch may have on a CPU
 #: worker unless --max-pixels says otherwise: 8 images of 512 x 512.
@@ -64,16 +64,15 @@ class Admission:
     def check(self, model: str, job: Job, deadline: float | None = None) -> Cost:
         """The cost of ``job`` on ``model``, or RequestError when it must be
         turned away; ``deadline`` is a ``time.monotonic()`` instant."""
-        cost = cost_of(job)
+        cost = job.cost()
         limits = self.limits(model)
         if limits.max_pixels is not None and cost.pixels > limits.max_pixels:
-            many = isinstance(job, TextToImageJob) and job.num_images > 1
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{cost.summary.rsplit(',', 1)[0]} make {cost.pixels / 1e6:.2f} megapixels; "
                 f"{model} takes at most {limits.max_pixels / 1e6:.2f} megapixels a request "
                 "here (--max-pixels)",
-                "num_images" if many else "width",
+                "num_images" if cost.output_images > 1 else "width",
             )
         speed = self.step_times.of(model)
         if speed is None:

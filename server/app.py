@@ -10,10 +10,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from imago.server.admission import Admission, ModelLimits, default_max_pixels
-from imago.server.config import ServeConfig
+from imago.server.admission import Admission, ModelLimits
+from imago.server.config import ResolvedConfig
 from imago.server.costs import StepTimes
-from imago.server.devices import detect_devices
 from imago.server.dispatch import Dispatcher
 from imago.server.drain import drain
 from imago.server.metrics import Metrics, start_http
@@ -47,9 +46,9 @@ class Health:
     service's model, NOT_SERVING otherwise and while shutting down. The overall
     status ("") is SERVING when every configured service is."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ResolvedConfig) -> None:
         self.servicer = health.aio.HealthServicer()
-        self._models = config.models()
+        self._models = config.models
         self._pool: WorkerPool | None = None
         self._updates: set[asyncio.Task] = set()
         self.draining = False
@@ -77,11 +76,12 @@ class Health:
 
 
 def build_server(
-    config: ServeConfig, metrics: Metrics | None = None
+    config: ResolvedConfig, metrics: Metrics | None = None
 ) -> tuple[grpc.aio.Server, WorkerPool, Health]:
     """Wire servicers, scheduler and pool together, recording into ``metrics``
     (a registry of their own without); nothing is started yet."""
-    limits = config.limits
+    given = config.given
+    limits = given.limits
     # One list for every interceptor, outermost first. Authentication comes
     # first so that a call without the right token is refused before anything
     # else spends work on it; interceptors after it (metrics, request ids)
@@ -91,7 +91,7 @@ def build_server(
     if metrics is None:
         metrics = Metrics()
     interceptors: list[grpc.aio.ServerInterceptor] = [
-        *auth_interceptors(config),
+        *auth_interceptors(given),
         ObservabilityInterceptor(metrics),
     ]
     options = [
@@ -100,16 +100,14 @@ def build_server(
         # A second server on the same port must fail to start, not share it.
         ("grpc.so_reuseport", 0),
     ]
-    if config.max_connection_age_s is not None:
+    if given.max_connection_age_s is not None:
         # The grace stays unlimited: calls running on an aged connection finish.
-        options.append(("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)))
+        options.append(("grpc.max_connection_age_ms", round(given.max_connection_age_s * 1000)))
     server = grpc.aio.server(interceptors=interceptors, options=options)
     health_status = Health(config)
-    models = config.models()
+    models = config.models
     policies = {spec.name: spec.batch_policy for spec in models}
-    devices = detect_devices(config.workers, config.cpu_only)
-    watchdogs = config.watchdogs()
-    pixels = config.pixel_limits(default_max_pixels(devices))
+    pixels, watchdogs = config.pixel_limits, config.watchdogs
     admission = Admission(
         {
             spec.name: ModelLimits(pixels.get(spec.name), watchdogs.get(spec.name))
@@ -122,17 +120,9 @@ def build_server(
         policies,
         metrics=metrics,
         admission=admission,
-        weights=config.weights(),
+        weights=dict(config.weights),
     )
-    pool = WorkerPool(
-        models,
-        devices,
-        scheduler,
-        cache_dir=config.cache_dir,
-        on_change=health_status.schedule_update,
-        metrics=metrics,
-        watchdog_s=watchdogs,
-    )
+    pool = WorkerPool(config, scheduler, on_change=health_status.schedule_update, metrics=metrics)
     health_status.attach(pool)
     dispatcher = Dispatcher(models, scheduler, pool, limits)
     caption_pb2_grpc.add_CaptionServiceServicer_to_server(CaptionServicer(dispatcher), server)
@@ -145,14 +135,15 @@ def build_server(
     return server, pool, health_status
 
 
-async def serve(config: ServeConfig) -> int:
+async def serve(config: ResolvedConfig) -> int:
     """Serve until SIGINT or SIGTERM; return the process exit code."""
+    given = config.given
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        credentials = server_credentials(config)
+        credentials = server_credentials(given)
         metrics = Metrics()
         server, pool, health_status = build_server(config, metrics)
     except SecurityConfigError as exc:
@@ -160,7 +151,7 @@ async def serve(config: ServeConfig) -> int:
         return 2
     # SIGHUP re-reads LoRA adapter directories, as daemons re-read their config.
     loop.add_signal_handler(signal.SIGHUP, pool.reload_adapters)
-    address = f"{config.host}:{config.port}"
+    address = f"{given.host}:{given.port}"
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -170,35 +161,35 @@ async def serve(config: ServeConfig) -> int:
         log.error("cannot listen on %s: %s", address, exc)
         await pool.stop()
         return 1
-    if config.metrics_port is not None:
+    if given.metrics_port is not None:
         # Up before the models load, so that scrapes see the workers come up.
         try:
-            metrics_port = start_http(metrics, config.host, config.metrics_port)
+            metrics_port = start_http(metrics, given.host, given.metrics_port)
         except OSError as exc:
-            log.error("cannot serve metrics on %s:%d: %s", config.host, config.metrics_port, exc)
+            log.error("cannot serve metrics on %s:%d: %s", given.host, given.metrics_port, exc)
             await pool.stop()
             return 1
-        log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
+        log.info("metrics on http://%s:%d/metrics", given.host, metrics_port)
     # Listen at once, NOT_SERVING, so probes can tell "loading" from "down".
     await health_status.update()
     await server.start()
     log.info(
         "listening on %s:%d (%s%s); loading models (preset %s)",
-        config.host,
+        given.host,
         port,
-        transport_name(config),
-        ", bearer token" if config.auth_token_file is not None else "",
-        config.preset,
+        transport_name(given),
+        ", bearer token" if given.auth_token_file is not None else "",
+        given.preset,
     )
     exit_code = 0
     try:
-        loading = asyncio.create_task(pool.start(config.load_timeout_s))
+        loading = asyncio.create_task(pool.start(given.load_timeout_s))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             loading.result()
             await health_status.update()
-            log.info("serving on %s:%d", config.host, port)
+            log.info("serving on %s:%d", given.host, port)
             await stop.wait()
         else:
             loading.cancel()
@@ -209,11 +200,11 @@ async def serve(config: ServeConfig) -> int:
     finally:
         health_status.draining = True
         # Refuses new calls, then says NOT_SERVING; running and queued requests may finish.
-        await drain(server, pool, config.drain_grace_s, announce=health_status.update)
+        await drain(server, pool, given.drain_grace_s, announce=health_status.update)
         await pool.stop()
     return exit_code
 
 
-def run(config: ServeConfig) -> int:
+def run(config: ResolvedConfig) -> int:
     """Blocking entry point used by ``imago serve`` (which sets up logging)."""
     return asyncio.run(serve(config))

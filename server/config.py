@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
+from imago.server.admission import default_max_pixels
+from imago.server.devices import detect_devices
 from imago.workers.contract.presets import (
     STABLE_DIFFUSION,
     ModelSpec,
@@ -105,44 +109,57 @@ class ServeConfig:
     # so that probes and grpcurl's listing work without it).
     auth_health: bool = False
 
-    def models(self) -> tuple[ModelSpec, ...]:
-        """The models to serve with their batching and device settings;
-        ValueError for an unknown preset or a malformed override or option."""
+    def resolve(self, devices: Sequence[str] | None = None) -> ResolvedConfig:
+        """Every entry parsed, once: the configuration the server runs with.
+
+        ``devices`` are the workers' devices, one per worker ("cuda:N" or
+        "cpu"); None detects them as the server does at start (one per visible
+        GPU, else ``workers`` CPU workers). ValueError names the option and
+        the entry at fault: an unknown preset, a malformed ``--model``,
+        batching, device, ``--watchdog-s``, ``--max-pixels`` or
+        ``--model-weight`` entry, checked in that order."""
         models = with_overrides(preset(self.preset), self.overrides)
         models = with_batching(models, self.max_batch_sizes, self.max_batch_delays_ms)
-        return with_device_settings(models, self.device_settings)
-
-    def watchdogs(self) -> dict[str, float]:
-        """Watchdog seconds for every model served; ValueError as :func:`resolve_watchdogs`."""
-        return resolve_watchdogs(self.watchdog_s, [spec.name for spec in self.models()])
-
-    def pixel_limits(self, default: int) -> dict[str, int]:
-        """Most pixels per request and batch of each Stable Diffusion model;
-        ``default`` for those no ``max_pixels`` entry names. ValueError names
-        a bad entry."""
-        image_models = [spec.name for spec in self.models() if spec.family == STABLE_DIFFUSION]
-        given = per_model(
-            self.max_pixels,
-            image_models,
-            "--max-pixels",
-            int,
-            lambda n: n >= MIN_MAX_PIXELS,
-            f"[MODEL=]N with N >= {MIN_MAX_PIXELS} for a Stable Diffusion model",
+        models = with_device_settings(models, self.device_settings)
+        names = [spec.name for spec in models]
+        watchdogs = resolve_watchdogs(self.watchdog_s, names)
+        # Detected only once the model entries are known to be good, so that
+        # a usage error is reported without asking the GPUs first.
+        if devices is None:
+            devices = detect_devices(self.workers, self.cpu_only)
+        devices = tuple(devices)
+        pixels = resolve_pixel_limits(self.max_pixels, models, default_max_pixels(list(devices)))
+        weights = resolve_weights(self.model_weights, names)
+        return ResolvedConfig(
+            given=self,
+            devices=devices,
+            models=models,
+            watchdogs=MappingProxyType(watchdogs),
+            pixel_limits=MappingProxyType(pixels),
+            weights=MappingProxyType(weights),
         )
-        return {name: int(given.get(name, default)) for name in image_models}
 
-    def weights(self) -> dict[str, float]:
-        """Each model's weight in the fair share of a worker; ValueError names a bad entry."""
-        names = [spec.name for spec in self.models()]
-        given = per_model(
-            self.model_weights,
-            names,
-            "--model-weight",
-            float,
-            lambda w: w > 0,
-            "[MODEL=]W with W > 0",
-        )
-        return {name: given.get(name, 1.0) for name in names}
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A :class:`ServeConfig` with its entries parsed: what the server runs
+    with. Built once, by :meth:`ServeConfig.resolve`, before anything starts;
+    its mappings are read-only, and nothing parses an entry after it."""
+
+    # The settings as given: address, limits, timeouts, TLS, logging. Their
+    # "[MODEL=]VALUE" entries are resolved into the fields below.
+    given: ServeConfig
+    # The workers' devices, one per worker: "cuda:N" or "cpu".
+    devices: tuple[str, ...]
+    # The models served, with their batching and device settings applied.
+    models: tuple[ModelSpec, ...]
+    # Seconds a busy worker may report nothing on each model's batch.
+    watchdogs: Mapping[str, float]
+    # Most pixels (width x height x images) a request or batch may have, for
+    # each Stable Diffusion model; the default suits ``devices``.
+    pixel_limits: Mapping[str, int]
+    # Each model's weight in the fair share of a worker it shares (1 unless given).
+    weights: Mapping[str, float]
 
 
 def resolve_watchdogs(
@@ -157,3 +174,32 @@ def resolve_watchdogs(
     )
     seconds = {**dict.fromkeys(models, default_s), **given}
     return seconds
+
+
+def resolve_pixel_limits(
+    entries: tuple[str, ...], models: tuple[ModelSpec, ...], default: int
+) -> dict[str, int]:
+    """Most pixels per request and batch of each Stable Diffusion model of
+    ``models`` from "[MODEL=]N" entries (``--max-pixels``); ``default`` for
+    those no entry names. ValueError names an entry with a model that is not
+    a Stable Diffusion one or an N below :data:`MIN_MAX_PIXELS`."""
+    image_models = [spec.name for spec in models if spec.family == STABLE_DIFFUSION]
+    given = per_model(
+        entries,
+        image_models,
+        "--max-pixels",
+        int,
+        lambda n: n >= MIN_MAX_PIXELS,
+        f"[MODEL=]N with N >= {MIN_MAX_PIXELS} for a Stable Diffusion model",
+    )
+    return {name: int(given.get(name, default)) for name in image_models}
+
+
+def resolve_weights(entries: tuple[str, ...], models: list[str]) -> dict[str, float]:
+    """Each model's weight in the fair share of a worker from "[MODEL=]W"
+    entries (``--model-weight``), 1 for models no entry names; ValueError
+    names an entry with an unknown model or a W that is not above zero."""
+    given = per_model(
+        entries, models, "--model-weight", float, lambda w: w > 0, "[MODEL=]W with W > 0"
+    )
+    return {name: given.get(name, 1.0) for name in models}

@@ -1,18 +1,8 @@
 """What a request costs a worker, and how long a model takes for it.
 
 A job runs in *steps* (denoising steps, or new tokens), each of which does
-some *step units* of work for it:
-
-- image jobs: steps run; a unit is one UNet evaluation of one 512 x 512
-  image, so a step does images x (width x height / 512²) x passes units,
-  passes being 2 with classifier-free guidance (guidance_scale > 1) and 1
-  without.
-- caption and VQA jobs: max_new_tokens + 1 steps (the one more for the
-  image); a step decodes one token of each sequence run side by side (the
-  larger of num_beams and num_return_sequences), a unit each.
-- alignment jobs: one step, a unit per image or text through its encoder
-  and per pair the image-text matching head scores.
-
+some *step units* of work for it: each kind of job counts its own (its
+``cost()``, a :class:`~imago.workers.contract.jobs.Cost`, which says how).
 A job's *units* (steps x step units) are what it weighs in the fair order
 of its model's queue.
 
@@ -36,63 +26,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
-from imago.workers.contract.protocol import (
-    CaptionJob,
-    EmbedImagesJob,
-    EmbedTextsJob,
-    ImageToImageJob,
-    Job,
-    MatchJob,
-    TextToImageJob,
-    VqaJob,
-)
-
-#: Pixels of the image whose one UNet evaluation is one unit of image work.
-REFERENCE_PIXELS = 512 * 512
-
-
-@dataclass(frozen=True)
-class Cost:
-    """A job's work: ``steps`` of ``step_units`` each, and its ``pixels``
-    (width x height x images; 0 for jobs without output images)."""
-
-    steps: int
-    step_units: float
-    pixels: int = 0
-    #: What the job is, for messages: "8 images of 2048x2048, 150 steps".
-    summary: str = ""
-
-    @property
-    def units(self) -> float:
-        return self.steps * self.step_units
-
-
-def cost_of(job: Job) -> Cost:
-    """The work ``job`` asks of its model, as the module describes."""
-    if isinstance(job, TextToImageJob):
-        steps = job.steps_run if isinstance(job, ImageToImageJob) else job.steps
-        passes = 2 if job.guidance_scale > 1 else 1
-        pixels = job.width * job.height * job.num_images
-        step_units = pixels / REFERENCE_PIXELS * passes
-        images = "1 image" if job.num_images == 1 else f"{job.num_images} images"
-        summary = f"{images} of {job.width}x{job.height}, {steps} steps"
-        return Cost(steps, step_units, pixels, summary)
-    if isinstance(job, CaptionJob | VqaJob):
-        settings = job.settings
-        width = max(settings.num_beams, settings.num_return_sequences)
-        summary = f"{settings.max_new_tokens} new tokens x {width} sequences"
-        return Cost(settings.max_new_tokens + 1, width, summary=summary)
-    if isinstance(job, EmbedImagesJob):
-        return Cost(1, job.images, summary=f"{job.images} images")
-    if isinstance(job, EmbedTextsJob):
-        count = len(job.texts)
-        return Cost(1, count, summary=f"{count} texts")
-    if isinstance(job, MatchJob):
-        count = job.images + len(job.texts)
-        pairs = job.images * len(job.texts) if job.image_text_matching else 0
-        summary = f"{job.images} images x {len(job.texts)} texts"
-        return Cost(1, count + pairs, summary=summary)
-    raise TypeError(f"no cost for {type(job).__name__}")
+from imago.workers.contract.jobs import Cost
 
 
 @dataclass(frozen=True)

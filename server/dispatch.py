@@ -31,9 +31,10 @@ from imago.server.fairness import current_flow, set_flow
 from imago.server.pool import WorkerPool
 from imago.server.scheduler import Scheduler, Ticket
 from imago.v1 import common_pb2
+from imago.workers.contract.jobs import Job
 from imago.workers.contract.logs import current_request_id, set_request_id
 from imago.workers.contract.presets import ModelSpec, model_for_service
-from imago.workers.contract.protocol import Failed, Job, ModelInfo, Outcome, TextResult, WorkItem
+from imago.workers.contract.protocol import Failed, ModelInfo, Outcome, TextResult, WorkItem
 
 log = logging.getLogger("imago.dispatch")
 

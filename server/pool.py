@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -30,12 +30,12 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
+from imago.server.config import ResolvedConfig
 from imago.server.devices import cpu_threads
 from imago.server.metrics import Metrics
 from imago.server.scheduler import Scheduler, Ticket
 from imago.server.supervisor import Supervisor
 from imago.workers.contract.logs import current_format
-from imago.workers.contract.presets import ModelSpec
 from imago.workers.contract.protocol import (
     AdaptersReloaded,
     BatchDone,
@@ -56,6 +56,7 @@ from imago.workers.contract.protocol import (
     encode,
     from_worker_decoder,
 )
+from imago.workers.contract.worker_config import WorkerConfig
 from imago.workers.runtime import main as worker_main
 
 log = logging.getLogger("imago.pool")
@@ -123,25 +124,22 @@ class WorkerPool:
 
     def __init__(
         self,
-        specs: tuple[ModelSpec, ...],
-        devices: list[str],
+        config: ResolvedConfig,
         scheduler: Scheduler,
         *,
-        cache_dir: Path | None = None,
         on_change: Callable[[], None] = lambda: None,
         metrics: Metrics | None = None,
-        watchdog_s: Mapping[str, float] | None = None,
     ) -> None:
-        """``on_change`` is called whenever the set of live workers changes;
-        ``watchdog_s`` are the seconds a busy worker may stay silent, per
-        model (the default for models it does not name)."""
-        self._specs = specs
-        self._devices = devices
+        """One worker per device of ``config``, each loading all its models;
+        its watchdogs say how long a busy worker may stay silent.
+        ``on_change`` is called whenever the set of live workers changes."""
+        self._specs = config.models
+        self._devices = list(config.devices)
         self._scheduler = scheduler
-        self._cache_dir = cache_dir
+        self._cache_dir = config.given.cache_dir
         self._on_change = on_change
         self._metrics = metrics
-        self._watchdog_s = watchdog_s
+        self._watchdog_s = config.watchdogs
         self._supervisor: Supervisor | None = None
         # Set once stop() begins: exits are expected, nothing is restarted.
         self.stopping = False
@@ -309,20 +307,22 @@ class WorkerPool:
 
     def _spawn(self, worker_id: str, device: str) -> BaseProcess:
         """Start a worker process for ``device``; it says Ready once loaded."""
+        config = WorkerConfig(
+            worker_id=worker_id,
+            device=device,
+            endpoint=self._endpoint,
+            models=self._specs,
+            parent_pid=os.getpid(),
+            cache_dir=str(self._cache_dir) if self._cache_dir else None,
+            log_level=logging.getLogger().level,
+            cpu_threads=cpu_threads(self._devices),
+            log_format=current_format(),
+        )
+        # Pickled into the new process, which is spawned (never forked).
         process = multiprocessing.get_context("spawn").Process(
             target=worker_main.run_worker,
             name=f"imago-{worker_id}",
-            kwargs={
-                "worker_id": worker_id,
-                "device": device,
-                "endpoint": self._endpoint,
-                "specs": list(self._specs),
-                "cache_dir": str(self._cache_dir) if self._cache_dir else None,
-                "parent_pid": os.getpid(),
-                "log_level": logging.getLogger().level,
-                "cpu_threads": cpu_threads(self._devices),
-                "log_format": current_format(),
-            },
+            args=(config,),
             daemon=True,
         )
         process.start()

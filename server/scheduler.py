@@ -12,8 +12,9 @@ one client's bulk stream starves the rest.
 
 Batching follows each model's :class:`BatchPolicy`. The first request in fair
 order leads a batch and takes with it every later request whose
-:func:`batch_key` matches, up to ``max_batch_size`` and the model's
-``--max-pixels``.
+job has the same ``batch_key()``, up to ``max_batch_size`` (counted in each
+job's ``weight()``) and the model's ``--max-pixels``; see
+:mod:`imago.workers.contract.jobs` for which jobs batch.
 
 A batch that is not full is held back for companions only while more are
 expected: while the model's peak load within the last :data:`RECENT_S`
@@ -56,7 +57,7 @@ from imago.server.fairness import FairQueue, ModelShares
 from imago.server.metrics import Metrics
 from imago.server.tickets import QueuePosition, Ticket
 from imago.workers.contract.presets import BatchPolicy
-from imago.workers.contract.protocol import Failed, batch_key, batch_weight
+from imago.workers.contract.protocol import Failed
 
 __all__ = ["QueuePosition", "Scheduler", "Ticket", "Workers"]
 
@@ -198,7 +199,7 @@ class Scheduler:
         """The worker answered ``ticket`` (or died): it no longer counts as load."""
         if ticket.running:
             ticket.running = False
-            self._running[ticket.model] -= batch_weight(ticket.item.job)
+            self._running[ticket.model] -= ticket.item.job.weight()
             if self._metrics is not None:
                 self._metrics.inflight.labels(ticket.model).dec()
 
@@ -274,7 +275,7 @@ class Scheduler:
             ticket.started_at = now
             ticket.batch_size = len(batch)
             ticket.running = True
-        weight = sum(batch_weight(t.item.job) for t in batch)
+        weight = sum(t.item.job.weight() for t in batch)
         self._running[model] = self._running.get(model, 0) + weight
         costs = [ticket.cost for ticket in batch if ticket.cost is not None]
         speed = self.admission.step_times.of(model)
@@ -309,14 +310,14 @@ class Scheduler:
         head = queue.head()
         limit = self.policy(model).max_batch_size
         max_pixels = self.admission.limits(model).max_pixels
-        key = batch_key(head.item.job)
-        batch, weight, pixels = [head], batch_weight(head.item.job), _pixels(head)
+        key = head.item.job.batch_key()
+        batch, weight, pixels = [head], head.item.job.weight(), _pixels(head)
         if key is not None:
             for ticket in itertools.islice(queue, 1, None):
                 if weight >= limit:
                     break
-                more = batch_weight(ticket.item.job)
-                if weight + more > limit or batch_key(ticket.item.job) != key:
+                more = ticket.item.job.weight()
+                if weight + more > limit or ticket.item.job.batch_key() != key:
                     continue
                 if max_pixels is not None and pixels + _pixels(ticket) > max_pixels:
                     continue
@@ -351,7 +352,7 @@ class Scheduler:
     def _note_load(self, model: str) -> None:
         """Remember the peak of running plus queued weight; it fades after RECENT_S."""
         now = time.monotonic()
-        queued = sum(batch_weight(t.item.job) for t in self._queues.get(model, ()))
+        queued = sum(t.item.job.weight() for t in self._queues.get(model, ()))
         load = self._running.get(model, 0) + queued
         peak, seen_at = self._peak.get(model, (0, float("-inf")))
         if load >= peak or now - seen_at > RECENT_S:

@@ -9,13 +9,12 @@ import numpy as np
 
 from imago.server.dispatch import Dispatcher, bulk, deadline_of
 from imago.server.errors import RequestError, abort, from_failure
-from imago.server.images import check_image
+from imago.server.image_jobs import generate_job
 from imago.server.scheduler import QueuePosition
 from imago.server.validation import (
     caption_job,
     embed_images_job,
     embed_texts_job,
-    generate_job,
     match_job,
     vqa_job,
 )
@@ -31,6 +30,7 @@ from imago.v1 import (
     vqa_pb2_grpc,
 )
 from imago.workers.contract import protocol
+from imago.workers.contract.jobs import AlignJob
 
 CAPTION = "imago.v1.CaptionService"
 VQA = "imago.v1.VqaService"
@@ -51,9 +51,8 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
         self, request: caption_pb2.CaptionRequest, deadline: float | None = None
     ) -> caption_pb2.CaptionResponse:
         model = self._d.model(CAPTION)
-        job = caption_job(request, self._d.limits, model)
-        image = check_image(request.image, "image", self._d.limits)
-        ticket = self._d.ticket(model.name, job, [image], deadline)
+        job, images = caption_job(request, model, self._d.limits)
+        ticket = self._d.ticket(model.name, job, images, deadline)
         result = await self._d.text_result(ticket)
         return caption_pb2.CaptionResponse(
             captions=_texts(result),
@@ -83,9 +82,8 @@ class VqaServicer(vqa_pb2_grpc.VqaServiceServicer):
         self, request: vqa_pb2.AskRequest, deadline: float | None = None
     ) -> vqa_pb2.AskResponse:
         model = self._d.model(VQA)
-        job = vqa_job(request, self._d.limits, model)
-        image = check_image(request.image, "image", self._d.limits)
-        ticket = self._d.ticket(model.name, job, [image], deadline)
+        job, images = vqa_job(request, model, self._d.limits)
+        ticket = self._d.ticket(model.name, job, images, deadline)
         result = await self._d.text_result(ticket)
         return vqa_pb2.AskResponse(
             answers=_texts(result),
@@ -205,7 +203,7 @@ class AlignServicer(align_pb2_grpc.AlignServiceServicer):
 
     async def _run(
         self,
-        job: protocol.AlignJob,
+        job: AlignJob,
         images: list[bytes],
         context,
         model: protocol.ModelInfo | None = None,
@@ -220,7 +218,8 @@ class AlignServicer(align_pb2_grpc.AlignServiceServicer):
 
     async def EmbedImages(self, request, context):
         try:
-            job, images = embed_images_job(request, self._d.limits)
+            # Checked before the model is looked up, which _run does.
+            job, images = embed_images_job(request, None, self._d.limits)
             arrays, info = await self._run(job, images, context)
         except RequestError as error:
             await abort(context, error)
@@ -234,8 +233,8 @@ class AlignServicer(align_pb2_grpc.AlignServiceServicer):
 
     async def EmbedTexts(self, request, context):
         try:
-            job = embed_texts_job(request, self._d.limits)
-            arrays, info = await self._run(job, [], context)
+            job, images = embed_texts_job(request, None, self._d.limits)
+            arrays, info = await self._run(job, images, context)
         except RequestError as error:
             await abort(context, error)
             return

@@ -11,7 +11,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from imago.server.costs import Cost
+from imago.workers.contract.jobs import Cost
 from imago.workers.contract.protocol import Failed, Outcome, WorkItem
 
 

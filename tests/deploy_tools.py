@@ -24,7 +24,7 @@ import yaml
 
 from imago.client.cli import build_parser
 from imago.client.cli.serve import serve_config
-from imago.server.config import ServeConfig
+from imago.server.config import ResolvedConfig, ServeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -169,13 +169,15 @@ def parse_serve_args(args: list[str]) -> Namespace:
         pytest.fail(f"imago serve rejects its arguments {args}")
 
 
+def resolved_config(args: list[str]) -> ResolvedConfig:
+    """The configuration ``imago serve args`` runs with, resolved as the
+    server does at start (an unknown preset or a bad entry fails here)."""
+    return serve_config(parse_serve_args(args)).resolve()
+
+
 def checked_config(args: list[str]) -> ServeConfig:
-    """The ServeConfig of ``imago serve args``, with its models and watchdogs
-    resolved as the server does at start (an unknown preset fails here)."""
-    config = serve_config(parse_serve_args(args))
-    config.models()
-    config.watchdogs()
-    return config
+    """The ServeConfig of ``imago serve args`` as given, once it resolves."""
+    return resolved_config(args).given
 
 
 # ------------------------------------------------------- rendered overlays
@@ -218,9 +220,13 @@ class Overlay:
 
     @property
     def config(self) -> ServeConfig:
+        return self.resolved.given
+
+    @property
+    def resolved(self) -> ResolvedConfig:
         # No command: the image's ENTRYPOINT (`imago serve`) takes the args.
         assert "command" not in self.container
-        return checked_config(self.container["args"])
+        return resolved_config(self.container["args"])
 
     def volume_at(self, path: str | Path) -> dict[str, Any]:
         """The volume mounted at ``path`` or at a folder above it."""

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -37,6 +37,7 @@ import grpc
 from imago.client import api
 from imago.client.bench import loadgen
 from imago.client.bench.loadgen import Outcome
+from imago.client.options import DiffusionOptions, TextOptions
 from imago.v1 import caption_pb2
 
 CLASSES = ("bulk", "interactive", "generation", "oversized")
@@ -44,7 +45,7 @@ MiB = 1024 * 1024
 PROMPT = "a lighthouse at dusk"
 #: The oversized Generate: the most images, the largest side and the most
 #: steps the server's default limits name.
-OVERSIZED_GENERATE = {"num_images": 8, "width": 2048, "height": 2048, "steps": 150}
+OVERSIZED_GENERATE = DiffusionOptions(num_images=8, width=2048, height=2048, steps=150)
 #: The end of an oversized call's deadline in which a failure counts as the
 #: deadline's, not as a refusal.
 HELD_FRACTION = 0.05
@@ -197,16 +198,21 @@ async def _interactive(target: str, load: Adversaries, image: bytes, end: float)
     async with api.AsyncImagoClient(target, timeout=load.interactive_deadline_s) as client:
         index = 0
         while time.perf_counter() < end:
-            call = lambda i=index: client.caption(image, do_sample=False, seed=i)  # noqa: E731
+            call = lambda i=index: client.caption(image, generation=_greedy(i))  # noqa: E731
             outcomes.append(await _timed("caption", index, call))
             index += 1
             await asyncio.sleep(load.interactive_pause_s)
     return outcomes
 
 
-def _generation_options(load: Adversaries, seed: int) -> dict[str, Any]:
+def _greedy(seed: int) -> TextOptions:
+    """Text generation of the caption classes: greedy, with a fixed seed."""
+    return TextOptions(do_sample=False, seed=seed)
+
+
+def _diffusion(load: Adversaries, seed: int) -> DiffusionOptions:
     side = load.generation_size
-    return {"width": side, "height": side, "steps": load.generation_steps, "seed": seed}
+    return DiffusionOptions(width=side, height=side, steps=load.generation_steps, seed=seed)
 
 
 async def _generation(target: str, load: Adversaries, end: float) -> list[Outcome]:
@@ -214,8 +220,8 @@ async def _generation(target: str, load: Adversaries, end: float) -> list[Outcom
     async with api.AsyncImagoClient(target, timeout=load.generation_deadline_s) as client:
         index = 0
         while time.perf_counter() < end:
-            options = _generation_options(load, index)
-            call = lambda o=options: client.generate_result(PROMPT, **o)  # noqa: E731
+            diffusion = _diffusion(load, index)
+            call = lambda d=diffusion: client.generate_result(PROMPT, diffusion=d)  # noqa: E731
             outcomes.append(await _timed("generate", index, call))
             index += 1
     return outcomes
@@ -232,7 +238,7 @@ async def _oversized(target: str, load: Adversaries, end: float) -> list[Outcome
                 outcomes.append(await _timed("caption", index, call))
             else:
                 call = lambda i=index: client.generate_result(  # noqa: E731
-                    PROMPT, seed=i, **OVERSIZED_GENERATE
+                    PROMPT, diffusion=replace(OVERSIZED_GENERATE, seed=i)
                 )
                 outcomes.append(await _timed("generate", index, call))
             index += 1
@@ -253,7 +259,7 @@ def _bulk(target: str, load: Adversaries, image: bytes, end: float) -> list[Outc
             room.acquire()
             if stopped.is_set() or time.perf_counter() >= end:
                 return
-            request = api.caption_request(image, do_sample=False, seed=index)
+            request = api.caption_request(image, generation=_greedy(index))
             sent[str(index)] = time.perf_counter()
             yield caption_pb2.CaptionStreamRequest(id=str(index), request=request)
 
@@ -295,8 +301,8 @@ async def warm_up(target: str, load: Adversaries, image: bytes, timeout: float |
     server that cannot be reached raises :class:`grpc.RpcError`."""
     async with api.AsyncImagoClient(target, timeout=timeout) as client:
         await client.health()
-        await client.caption(image, do_sample=False, seed=0)
-        await client.generate_result(PROMPT, **_generation_options(load, 0))
+        await client.caption(image, generation=_greedy(0))
+        await client.generate_result(PROMPT, diffusion=_diffusion(load, 0))
 
 
 async def drive(

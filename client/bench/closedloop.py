@@ -154,8 +154,8 @@ def run_baseline(
     and "batched" and the sequential :class:`Outcome` list as "outcomes"."""
     from imago.server.config import Limits
     from imago.server.errors import RequestError
-    from imago.server.images import check_image
-    from imago.server.validation import caption_job, text_to_image_job, vqa_job
+    from imago.server.image_jobs import text_to_image_job
+    from imago.server.validation import caption_job, vqa_job
     from imago.workers.runtime.inprocess import load_for_services
     from imago.workers.runtime.runner import Request
 
@@ -165,19 +165,16 @@ def run_baseline(
     except ValueError as err:
         raise BenchError(str(err)) from None
     limits = Limits()
+    builders = {"caption": caption_job, "vqa": vqa_job, "generate": text_to_image_job}
 
     def prepare(index: int) -> tuple[Any, Request] | str:
         kind, proto = plan.kind(index), plan.proto(index)
         runner = runners[loadgen.SERVICES[kind]]
         try:
-            if kind == "generate":
-                job = text_to_image_job(proto, runner.info(), limits)
-                return runner, Request(f"{kind}-{index}", job, [])
-            job = (caption_job if kind == "caption" else vqa_job)(proto, limits)
-            image = check_image(proto.image, "image", limits)
+            job, images = builders[kind](proto, runner.info(), limits)
         except RequestError as err:  # the server would have answered with err.code
             return err.code.name
-        return runner, Request(f"{kind}-{index}", job, [image])
+        return runner, Request(f"{kind}-{index}", job, images)
 
     phases = loadgen.run_in_process(plan, indices, warmup, batch_size, prepare)
     return {"device": device, "batch_size": batch_size, **phases}

@@ -27,6 +27,7 @@ from imago.client import api
 from imago.client.bench import devicereport, deviceserved, loadgen
 from imago.client.bench.closedloop import BenchError, OwnServer, free_port, number_arg
 from imago.workers.contract import presets
+from imago.workers.contract.families import BLIP2, STABLE_DIFFUSION
 from imago.workers.contract.presets import COMPILE_MODES, DTYPES
 
 DESCRIPTION = """\
@@ -69,10 +70,10 @@ def bench_models(preset_name: str) -> tuple[presets.ModelSpec, presets.ModelSpec
     ValueError for an unknown preset or one without either family."""
     models = presets.preset(preset_name)
     found = {spec.family: spec for spec in models}
-    missing = [f for f in (presets.STABLE_DIFFUSION, presets.BLIP2) if f not in found]
+    missing = [f for f in (STABLE_DIFFUSION, BLIP2) if f not in found]
     if missing:
         raise ValueError(f"preset {preset_name!r} has no {' or '.join(missing)} model")
-    return found[presets.STABLE_DIFFUSION], found[presets.BLIP2]
+    return found[STABLE_DIFFUSION], found[BLIP2]
 
 
 def sd_only_preset(preset_name: str) -> str:

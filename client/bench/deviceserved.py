@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from imago.client import api
 from imago.client.bench import devicereport
 from imago.client.bench.closedloop import BenchError
+from imago.client.options import DiffusionOptions, PreviewOptions, TextOptions
 
 
 @dataclass
@@ -39,13 +40,19 @@ def served_generate(
 ) -> ServedRun:
     """One unmeasured Generate request, then ``--repeats`` measured ones, of
     ``batch`` images; with a preview every step by ``method`` when given."""
-    options = dict(width=args.size, height=args.size, steps=args.steps, seed=args.seed,
-                   guidance_scale=args.guidance, num_images=batch, preview_every=int(bool(method)),
-                   preview_method=method or "latent_rgb")  # fmt: skip
+    diffusion = DiffusionOptions(
+        width=args.size,
+        height=args.size,
+        steps=args.steps,
+        seed=args.seed,
+        guidance_scale=args.guidance,
+        num_images=batch,
+    )
+    previews = PreviewOptions(every_n_steps=int(bool(method)), method=method or "latent_rgb")
     run = ServedRun()
     for repeat in range(args.repeats + 1):
         started, first, result = time.perf_counter(), None, None
-        events = client.generate(args.prompt, **options)
+        events = client.generate(args.prompt, diffusion=diffusion, previews=previews)
         try:
             for event in events:
                 which = event.WhichOneof("event")
@@ -76,8 +83,8 @@ async def served_captions(
     """One unmeasured round of ``batch`` concurrent Caption requests, then
     ``--repeats`` measured rounds; returns the rounds and the new tokens per
     measured round by ``count_tokens`` (the server's running total)."""
-    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                    do_sample=False)  # fmt: skip
+    generation = TextOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                             do_sample=False)  # fmt: skip
     run = ServedRun()
     async with api.AsyncImagoClient(target, timeout=args.timeout) as client:
         before = None
@@ -86,7 +93,7 @@ async def served_captions(
                 before = count_tokens()
             started = time.perf_counter()
             replies = await asyncio.gather(
-                *(client.caption(image, **settings) for _ in range(batch))
+                *(client.caption(image, generation=generation) for _ in range(batch))
             )
             if repeat:
                 run.seconds.append(time.perf_counter() - started)

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from imago.client import api
+from imago.client.options import DiffusionOptions, PreviewOptions, TextOptions
 
 KINDS = ("caption", "vqa", "generate")
 #: Kinds whose requests carry the sample input image.
@@ -210,25 +211,25 @@ class Plan:
     def kind(self, index: int) -> str:
         return self.order[index % len(self.order)]
 
-    def settings(self, index: int) -> dict[str, Any]:
-        """GenerationSettings of text request ``index``: greedy, fixed seed."""
-        return {"do_sample": False, "seed": self.seed + index}
+    def text(self, index: int) -> TextOptions:
+        """How text request ``index`` is generated: greedy, fixed seed."""
+        return TextOptions(do_sample=False, seed=self.seed + index)
 
     def generate_options(self, index: int) -> dict[str, Any]:
-        """Keywords of ``generate`` for generate request ``index``."""
-        size, seed, every = self.size, self.seed + index, self.preview_every
-        return dict(
-            width=size, height=size, steps=self.steps, seed=seed, preview_every=every,
-            preview_method=self.preview_method,
-        )  # fmt: skip
+        """Keywords of ``generate`` for generate request ``index``: its
+        diffusion and preview options."""
+        size, seed = self.size, self.seed + index
+        diffusion = DiffusionOptions(width=size, height=size, steps=self.steps, seed=seed)
+        previews = PreviewOptions(every_n_steps=self.preview_every, method=self.preview_method)
+        return {"diffusion": diffusion, "previews": previews}
 
     def proto(self, index: int) -> Any:
         """The protobuf request the client sends for request ``index``."""
         kind = self.kind(index)
         if kind == "caption":
-            return api.caption_request(self.image, **self.settings(index))
+            return api.caption_request(self.image, generation=self.text(index))
         if kind == "vqa":
-            return api.ask_request(self.image, self.question, **self.settings(index))
+            return api.ask_request(self.image, self.question, generation=self.text(index))
         return api.generate_request(self.prompt, **self.generate_options(index))
 
 
@@ -241,9 +242,9 @@ async def _one(client: api.AsyncImagoClient, plan: Plan, index: int) -> Outcome:
     try:
         if kind != "generate":
             if kind == "caption":
-                reply = await client.caption(plan.image, **plan.settings(index))
+                reply = await client.caption(plan.image, generation=plan.text(index))
             else:
-                reply = await client.ask(plan.image, plan.question, **plan.settings(index))
+                reply = await client.ask(plan.image, plan.question, generation=plan.text(index))
             seconds = time.perf_counter() - started
             texts = reply.captions if kind == "caption" else reply.answers
             text = texts[0].text if texts else ""

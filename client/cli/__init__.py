@@ -30,6 +30,7 @@ from imago.client.cli.generating import add_generate_parser
 from imago.client.cli.localfiles import InputError, local, read
 from imago.client.cli.ranking import add_rank_parser
 from imago.client.cli.serve import add_serve_parser
+from imago.client.options import TextOptions
 
 _CAPTION_DOC = """Caption images, printing one line per image. With --out FILE, caption
 them all through one bulk stream into JSON lines, with a progress bar: an
@@ -146,6 +147,12 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def text_options(args: argparse.Namespace) -> TextOptions:
+    """How to generate captions and answers, from the command line: the
+    options given set, the others left to the model."""
+    return TextOptions(**generation_options(args))
+
+
 def _check_readable(paths: list[str]) -> None:
     for path in paths:
         if not Path(path).exists():
@@ -184,14 +191,16 @@ def _client(args: argparse.Namespace) -> ImagoClient:
 
 
 def _caption(args: argparse.Namespace) -> int:
-    settings = generation_options(args)
+    generation = text_options(args)
     if args.out is not None:
-        return _caption_to_file(args, settings)
+        return _caption_to_file(args, generation)
     args.images = [str(path) for path in image_paths(args.images)]
     _check_readable(args.images)
     with _client(args) as client:
         for path in args.images:
-            reply = client.caption(read(path), prefix=args.prefix, adapter=args.adapter, **settings)
+            reply = client.caption(
+                read(path), prefix=args.prefix, adapter=args.adapter, generation=generation
+            )
             if args.json:
                 line = {"image": path, "captions": _texts(reply.captions), **_details(reply)}
                 print(json.dumps(line), flush=True)
@@ -201,12 +210,12 @@ def _caption(args: argparse.Namespace) -> int:
     return 0
 
 
-def _caption_to_file(args: argparse.Namespace, settings: dict[str, Any]) -> int:
+def _caption_to_file(args: argparse.Namespace, generation: TextOptions) -> int:
     with local("append to", args.out), args.out.open("a"):
         pass
     with _client(args) as client:
         report = caption_to_file(
-            client, args.images, args.out, args.prefix, settings, adapter=args.adapter
+            client, args.images, args.out, args.prefix, generation, adapter=args.adapter
         )
     return _bulk_done("captioned", report, args.out)
 
@@ -221,9 +230,8 @@ def _ask_to_file(args: argparse.Namespace) -> int:
     with local("append to", args.out), args.out.open("a"):
         pass
     with _client(args) as client:
-        settings = generation_options(args)
         report = ask_to_file(
-            client, args.inputs, questions, args.out, settings, adapter=args.adapter
+            client, args.inputs, questions, args.out, text_options(args), adapter=args.adapter
         )
     return _bulk_done("answered", report, args.out)
 
@@ -246,7 +254,7 @@ def _ask(args: argparse.Namespace) -> int:
     image, question = args.inputs
     data = read(image)
     with _client(args) as client:
-        reply = client.ask(data, question, adapter=args.adapter, **generation_options(args))
+        reply = client.ask(data, question, adapter=args.adapter, generation=text_options(args))
     if args.json:
         line = {"image": image, "question": question, "answers": _texts(reply.answers)}
         print(json.dumps({**line, **_details(reply)}))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imago.client.api import ImagoClient, ask_request, caption_request
+from imago.client.options import TextOptions
 from imago.v1 import caption_pb2, vqa_pb2
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -74,18 +75,19 @@ def caption_to_file(
     inputs: list[str],
     out: Path,
     prefix: str,
-    settings: dict[str, Any],
+    generation: TextOptions,
     progress: bool = True,
     adapter: str = "",
 ) -> BulkReport:
     """Caption every image of ``inputs`` not yet in ``out`` into ``out``,
-    with the server's adapter ``adapter`` ("" for the base model)."""
+    generating as ``generation`` says, with the server's adapter ``adapter``
+    ("" for the base model)."""
     done = captioned(out)
     todo = [({"image": str(p)}, p) for p in image_paths(inputs) if str(p) not in done]
 
     def request(key: str, data: bytes, _: dict) -> caption_pb2.CaptionStreamRequest:
         return caption_pb2.CaptionStreamRequest(
-            id=key, request=caption_request(data, prefix, adapter=adapter, **settings)
+            id=key, request=caption_request(data, prefix, generation=generation, adapter=adapter)
         )
 
     return _stream_to_file(
@@ -98,13 +100,14 @@ def ask_to_file(
     inputs: list[str],
     questions: list[str],
     out: Path,
-    settings: dict[str, Any],
+    generation: TextOptions,
     progress: bool = True,
     adapter: str = "",
 ) -> BulkReport:
     """Ask every question of ``questions`` about every image of ``inputs``,
-    except the pairs already answered in ``out``, into ``out``, with the
-    server's adapter ``adapter`` ("" for the base model)."""
+    except the pairs already answered in ``out``, into ``out``, generating
+    as ``generation`` says, with the server's adapter ``adapter`` ("" for
+    the base model)."""
     done = answered(out, "answers", ("image", "question"))
     todo = [
         ({"image": str(p), "question": q}, p)
@@ -114,9 +117,8 @@ def ask_to_file(
     ]
 
     def request(key: str, data: bytes, record: dict) -> vqa_pb2.AskStreamRequest:
-        return vqa_pb2.AskStreamRequest(
-            id=key, request=ask_request(data, record["question"], adapter=adapter, **settings)
-        )
+        request = ask_request(data, record["question"], generation=generation, adapter=adapter)
+        return vqa_pb2.AskStreamRequest(id=key, request=request)
 
     return _stream_to_file(
         todo, out, request, client.ask_stream, "answers", lambda r: r.answers, progress

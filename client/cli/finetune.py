@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imago.client.cli.argtypes import positive, positive_float, uint
+from imago.workers.contract.families import BLIP2, STABLE_DIFFUSION
 
 CAPTION_PARTS = ("qformer", "lora", "both")
 
@@ -34,7 +35,7 @@ def add_finetune_parser(sub: Any) -> None:
         "OUT (NAME.safetensors, diffusers' format): copy it into the server's --lora-dir "
         "and ask for it as loras=[NAME].",
     )
-    _common(p, "stable-diffusion", default_steps=500, default_lr=1e-4)
+    _common(p, STABLE_DIFFUSION, default_steps=500, default_lr=1e-4)
     p.add_argument(
         "--resolution",
         type=positive,
@@ -53,7 +54,7 @@ def add_finetune_parser(sub: Any) -> None:
         "folder OUT (NAME/): put it in the server's --caption-adapter-dir and ask for it "
         "as adapter=NAME. Examples with a question train visual question answering.",
     )
-    _common(p, "blip2", default_steps=300, default_lr=1e-4)
+    _common(p, BLIP2, default_steps=300, default_lr=1e-4)
     p.add_argument(
         "--train",
         choices=CAPTION_PARTS,

@@ -11,6 +11,13 @@ from typing import Any
 from imago.client.cli.argtypes import uint
 from imago.client.cli.connect import client_from_args
 from imago.client.cli.localfiles import local, read
+from imago.client.options import (
+    DiffusionOptions,
+    ImageToImage,
+    Inpaint,
+    OutputOptions,
+    PreviewOptions,
+)
 
 _SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 _FORMAT_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
@@ -119,6 +126,38 @@ def preview_name(step: int, image_index: int, num_images: int, mime_type: str = 
     return f"step-{step:04d}{index}{suffix}"
 
 
+def diffusion_options(args: argparse.Namespace) -> DiffusionOptions:
+    """How to draw, from ``imago generate``'s arguments."""
+    return DiffusionOptions(
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        num_images=args.num_images,
+        scheduler=args.scheduler,
+        loras=args.lora,
+    )
+
+
+def edit_task(args: argparse.Namespace) -> ImageToImage | Inpaint | None:
+    """The image to start from: inpainting ``--init`` where ``--mask`` is
+    white, else redrawing ``--init`` (restyled after ``--style``), else None
+    (draw anew). Every file named is read, in that order, even one the task
+    leaves unused (``--style`` with ``--mask`` or without ``--init``), so an
+    unreadable one is always an :class:`InputError`."""
+    init = None if args.init is None else read(args.init)
+    mask = None if args.mask is None else read(args.mask)
+    style = None if args.style is None else read(args.style)
+    if init is None:
+        return None
+    if mask is not None:
+        return Inpaint(init, mask, strength=args.strength)
+    return ImageToImage(
+        init, strength=args.strength, style_image=style, style_scale=args.style_scale
+    )
+
+
 # ------------------------------------------------------------------ commands
 
 
@@ -136,9 +175,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.mask is not None and args.init is None:
         print("error: --mask needs --init IMG, the image to repaint", file=sys.stderr)
         return 2
-    init = None if args.init is None else read(args.init)
-    mask = None if args.mask is None else read(args.mask)
-    style = None if args.style is None else read(args.style)
+    edit = edit_task(args)
     fmt = output_format(args.output, args.format)
     with local("create", args.output.parent):
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -149,25 +186,16 @@ def run_generate(args: argparse.Namespace) -> int:
         events = client.generate(
             args.prompt,
             negative_prompt=args.negative,
-            width=args.width,
-            height=args.height,
-            steps=args.steps,
-            guidance_scale=args.guidance,
-            seed=args.seed,
-            num_images=args.num_images,
-            output_format=fmt,
-            preview_every=preview_every,
-            preview_method=args.preview_method,
-            preview_all_images=args.all_previews,
-            scheduler=args.scheduler,
-            init_image=init,
-            strength=args.strength,
-            output_quality=args.quality,
-            omit_parameters=args.omit_parameters,
-            mask_image=mask,
-            loras=dict(args.lora),
-            style_image=style,
-            style_scale=args.style_scale,
+            diffusion=diffusion_options(args),
+            previews=PreviewOptions(
+                every_n_steps=preview_every,
+                method=args.preview_method,
+                all_images=args.all_previews,
+            ),
+            output=OutputOptions(
+                format=fmt, quality=args.quality, embed_parameters=not args.omit_parameters
+            ),
+            edit=edit,
         )
         for event in events:
             kind = event.WhichOneof("event")

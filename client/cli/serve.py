@@ -12,8 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from imago.client.cli.argtypes import port, positive, positive_float, uint
+from imago.workers.contract.families import FAMILIES
 
 MiB = 1024 * 1024
+
+
+def _family_batch_sizes() -> str:
+    """Each family's default max batch size, e.g. "32 for BLIP-2, 4 for Stable Diffusion"."""
+    return ", ".join(
+        f"{info.batching.max_batch_size} for {info.title}" for info in FAMILIES.values()
+    )
 
 
 def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
@@ -37,7 +45,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FAMILY=SOURCE",
-        help="serve SOURCE (hub id or directory) for FAMILY (blip2, stable-diffusion) "
+        help=f"serve SOURCE (hub id or directory) for FAMILY ({', '.join(FAMILIES)}) "
         "instead of the preset's; inpaint=SOURCE names a dedicated inpainting checkpoint, "
         "inpaint= none; repeatable",
     )
@@ -61,7 +69,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         default=[],
         metavar="[MODEL=]N",
         help="most requests per batch (images for image models) for MODEL, or for every "
-        "model without MODEL=; repeatable (default: 32 for BLIP-2, 4 for Stable Diffusion)",
+        f"model without MODEL=; repeatable (default: {_family_batch_sizes()})",
     )
     p.add_argument(
         "--max-batch-delay-ms",
@@ -241,12 +249,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from imago.workers.contract.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
-    config = serve_config(args)
     try:
-        config.models()
-        config.watchdogs()
-        config.pixel_limits(default=0)
-        config.weights()
+        # Every entry is parsed here, once: a bad one is a usage error before
+        # anything starts, and the server runs with what this resolves.
+        config = serve_config(args).resolve()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from imago.client.bench.loadgen import (
     summarize,
 )
 from imago.client.cli import main
-from imago.workers.contract.protocol import GeneratedText
+from imago.workers.contract.protocol import GeneratedText, TextResult
 from imago.workers.runtime.inprocess import run_direct
 from imago.workers.runtime.runner import Request
 
@@ -196,7 +196,9 @@ class EchoRunner:
     def run(self, batch, sink):
         self.calls.append([request.request_id for request in batch])
         for request in batch:
-            sink.text_result(request.request_id, [GeneratedText(request.request_id)], 0, 0.0)
+            sink.emit(
+                TextResult.of(request.request_id, [GeneratedText(request.request_id)], 0, 0.0)
+            )
 
 
 def test_run_in_process_runs_alone_then_in_batches_of_one_kind():
@@ -225,7 +227,7 @@ class SlowSecondRunner:
 
     def run(self, batch, sink):
         for request in batch:
-            sink.text_result(request.request_id, [GeneratedText("x")], 0, 0.0)
+            sink.emit(TextResult.of(request.request_id, [GeneratedText("x")], 0, 0.0))
             time.sleep(0.05)
 
 

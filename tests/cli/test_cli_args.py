@@ -11,11 +11,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imago.client import ImagoClient, image_bytes
+from imago.client import (
+    DiffusionOptions,
+    ImagoClient,
+    OutputOptions,
+    PreviewOptions,
+    image_bytes,
+)
 from imago.client.api import generate_request, generation_settings, image_format
-from imago.client.cli import build_parser, generation_options, main
+from imago.client.cli import build_parser, generation_options, main, text_options
 from imago.client.cli.generating import output_format, output_paths, preview_name
 from imago.client.cli.serve import serve_config
+from imago.client.messages import text_settings
 from imago.v1 import common_pb2, imagegen_pb2
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -63,14 +70,14 @@ def test_generation_options_map_to_settings_fields():
         "length_penalty": -0.5,
         "seed": 42,
     }
-    settings = generation_settings(**generation_options(args))
+    settings = text_settings(text_options(args))
     assert settings.num_beams == 3 and settings.do_sample and settings.seed == 42
 
 
 def test_unset_generation_options_stay_unset():
     args = parse("ask", "a.png", "what is it?")
     assert generation_options(args) == {}
-    settings = generation_settings(**generation_options(args))
+    settings = text_settings(text_options(args))
     assert settings == common_pb2.GenerationSettings()
     assert not settings.HasField("do_sample")
 
@@ -78,7 +85,7 @@ def test_unset_generation_options_stay_unset():
 def test_no_sample_sets_do_sample_false():
     args = parse("ask", "a.png", "what?", "--no-sample", "--top-k", "0")
     assert generation_options(args) == {"do_sample": False, "top_k": 0}
-    settings = generation_settings(**generation_options(args))
+    settings = text_settings(text_options(args))
     assert settings.HasField("do_sample") and settings.HasField("top_k")
 
 
@@ -174,27 +181,33 @@ def test_preview_names():
 
 def test_generate_request_fields():
     request = generate_request(
-        "a fox", width=64, height=32, steps=4, seed=9, num_images=2, output_format="webp",
-        preview_every=2,
-    )  # fmt: skip
+        "a fox",
+        diffusion=DiffusionOptions(width=64, height=32, steps=4, seed=9, num_images=2),
+        output=OutputOptions(format="webp"),
+        previews=PreviewOptions(every_n_steps=2),
+    )
     assert request.WhichOneof("task") == "text_to_image"
     assert (request.width, request.height, request.steps, request.num_images) == (64, 32, 4, 2)
     assert request.seed == 9 and not request.HasField("guidance_scale")
     assert request.output_format == common_pb2.IMAGE_FORMAT_WEBP
     assert request.previews.every_n_steps == 2
     assert request.previews.format == common_pb2.IMAGE_FORMAT_JPEG
-    assert generate_request("x", guidance_scale=0.0).HasField("guidance_scale")
-    assert generate_request("x", scheduler="euler").scheduler == "euler"
+    assert generate_request("x", diffusion=DiffusionOptions(guidance_scale=0.0)).HasField(
+        "guidance_scale"
+    )
+    assert generate_request("x", diffusion=DiffusionOptions(scheduler="euler")).scheduler == "euler"
     assert parse("generate", "x", "-o", "o.png", "--scheduler", "lms").scheduler == "lms"
-    shown = generate_request("x", preview_every=1, preview_method="taesd", preview_all_images=True)
+    shown = generate_request(
+        "x", previews=PreviewOptions(every_n_steps=1, method="taesd", all_images=True)
+    )
     assert shown.previews.method == imagegen_pb2.PREVIEW_METHOD_TAESD and shown.previews.all_images
     with pytest.raises(ValueError, match="latent_rgb, taesd or full"):
-        generate_request("x", preview_method="vae")
+        generate_request("x", previews=PreviewOptions(method="vae"))
     args = parse("generate", "x", "-o", "o.png", "--lora", "ink", "--lora", "chalk:0.5")
     assert args.lora == [("ink", 1.0), ("chalk", 0.5)]
-    request = generate_request("x", loras=dict(args.lora))
+    request = generate_request("x", diffusion=DiffusionOptions(loras=dict(args.lora)))
     assert [(lora.name, lora.weight) for lora in request.loras] == [("ink", 1.0), ("chalk", 0.5)]
-    quality = generate_request("x", output_quality=40, omit_parameters=True)
+    quality = generate_request("x", output=OutputOptions(quality=40, embed_parameters=False))
     assert (quality.output_quality, quality.omit_parameters) == (40, True)
     args = parse("generate", "x", "-o", "o.jpg", "--quality", "40", "--no-parameters")
     assert (args.quality, args.omit_parameters) == (40, True)
@@ -296,7 +309,7 @@ def test_serve_batching_and_queue_options_reach_the_config():
         max_batch_delays_ms=("blip2-tiny=5",),
         limits=Limits(max_queue_size=10),
     )
-    policies = {spec.name: spec.batch_policy for spec in config.models()}
+    policies = {spec.name: spec.batch_policy for spec in config.resolve().models}
     assert policies["blip2-tiny"].max_batch_size == 8
     assert policies["blip2-tiny"].max_batch_delay_ms == 5
     assert policies["sd-tiny"].max_batch_size == 2

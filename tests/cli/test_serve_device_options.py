@@ -104,14 +104,14 @@ def test_serve_options_reach_the_models_of_the_config():
         "--dtype", "bf16", "--attention", "sd-tiny=eager", "--channels-last", "--compile",
         "--vae-slicing", "sd-tiny=on", "--vae-tiling", "off",
     )  # fmt: skip
-    models = {spec.name: spec.settings for spec in serve_config(args).models()}
+    models = {spec.name: spec.settings for spec in serve_config(args).resolve().models}
     assert models["sd-tiny"] == DeviceSettings("bf16", "eager", True, "default", True, False)
     assert models["blip2-tiny"] == DeviceSettings(dtype="bf16")
 
 
 def test_serve_options_work_on_the_arch_presets():
     args = serve_args("--preset", "arch", "--compile", "sd15-arch=reduce-overhead")
-    models = {spec.name: spec for spec in serve_config(args).models()}
+    models = {spec.name: spec for spec in serve_config(args).resolve().models}
     assert models["sd15-arch"].source == "arch:sd15"
     assert models["sd15-arch"].settings.compile == "reduce-overhead"
     assert models["blip2-opt-2.7b-arch"].source == "arch:blip2-opt-2.7b"

@@ -203,8 +203,8 @@ def test_liveness_leaves_hung_and_crashed_workers_to_the_server(overlay: Overlay
     # The server kills a silent worker after its watchdog and restarts a dead
     # one with back-off; health is NOT_SERVING meanwhile. The kubelet restarts
     # the container only when that has not helped.
-    config = overlay.config
-    patience = max([*config.watchdogs().values(), RestartPolicy().max_s])
+    config = overlay.resolved
+    patience = max([*config.watchdogs.values(), RestartPolicy().max_s])
     liveness = overlay.container["livenessProbe"]
     assert window(liveness) >= patience
     assert window(overlay.container["readinessProbe"]) < window(liveness)

@@ -9,6 +9,7 @@ import pytest
 from conftest import free_port, pixels, png_bytes, start_server
 from test_metrics import scrape_until, value
 
+from imago.client import DiffusionOptions, PreviewOptions, TextOptions
 from imago.client.api import ImagoClient
 
 
@@ -35,7 +36,9 @@ def test_the_worker_builds_both_architectures_in_the_chosen_dtype(arch_server):
 def test_it_captions_with_the_full_size_blip2(arch_server):
     running, _ = arch_server
     with ImagoClient(running.target, timeout=300) as client:
-        reply = client.caption(png_bytes(), max_new_tokens=2, min_new_tokens=2)
+        reply = client.caption(
+            png_bytes(), generation=TextOptions(max_new_tokens=2, min_new_tokens=2)
+        )
     assert reply.info.model == "blip2-opt-2.7b-arch"
     assert len(reply.captions) == 1
 
@@ -46,12 +49,8 @@ def test_it_generates_with_the_full_size_unet_and_taesd_previews(arch_server):
     with ImagoClient(running.target, timeout=300) as client:
         result = client.generate_result(
             "a lighthouse at dusk",
-            steps=2,
-            seed=5,
-            width=64,
-            height=64,
-            preview_every=1,
-            preview_method="taesd",
+            diffusion=DiffusionOptions(steps=2, seed=5, width=64, height=64),
+            previews=PreviewOptions(every_n_steps=1, method="taesd"),
             on_event=lambda e: previews.append(e) if e.HasField("preview") else None,
         )
     assert result.info.model == "sd15-arch"

@@ -13,6 +13,7 @@ import pytest
 from conftest import free_port, png_bytes, start_server, wait_serving
 from prometheus_client.parser import text_string_to_metric_families
 
+from imago.client import TextOptions
 from imago.client.api import ImagoClient
 from imago.client.balancing import channel_target
 
@@ -129,7 +130,7 @@ def test_calls_from_one_client_reach_both_servers(two_servers):
     targets = [server.target for server, _ in two_servers]
     with ImagoClient(targets, timeout=60) as client:
         for _ in range(CALLS):
-            client.caption(png_bytes(), max_new_tokens=3)
+            client.caption(png_bytes(), generation=TextOptions(max_new_tokens=3))
     # A call is counted when its server finishes it, a moment after the reply.
     deadline = time.monotonic() + 10
     while True:
@@ -149,14 +150,14 @@ def test_calls_keep_succeeding_on_the_other_server_when_one_is_unreachable(two_s
     dead = f"127.0.0.1:{free_port()}"
     with ImagoClient([server.target, dead], timeout=60) as client:
         for _ in range(4):
-            assert client.caption(png_bytes(), max_new_tokens=3).captions
+            assert client.caption(png_bytes(), generation=TextOptions(max_new_tokens=3)).captions
 
 
 def test_a_dns_name_target_is_balanced_with_round_robin(two_servers):
     (server, _), _ = two_servers
     port = server.target.rsplit(":", 1)[1]
     with ImagoClient(f"dns:///localhost:{port}", timeout=60) as client:
-        assert client.caption(png_bytes(), max_new_tokens=3).captions
+        assert client.caption(png_bytes(), generation=TextOptions(max_new_tokens=3)).captions
 
 
 def test_the_cli_accepts_a_comma_separated_target_list(two_servers):
@@ -186,7 +187,7 @@ def test_a_server_with_a_connection_age_asks_clients_to_reconnect(model_cache, t
 
         with ImagoClient(server.target, timeout=60) as client:
             client._channel.subscribe(record, try_to_connect=False)
-            assert client.caption(png_bytes(), max_new_tokens=3).captions
+            assert client.caption(png_bytes(), generation=TextOptions(max_new_tokens=3)).captions
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and states.count(READY) < 2:
                 changed.wait(0.2)
@@ -196,6 +197,6 @@ def test_a_server_with_a_connection_age_asks_clients_to_reconnect(model_cache, t
             # go on over it.
             first_ready = states.index(READY)
             assert CONNECTING in states[first_ready:] and states.count(READY) >= 2, states
-            assert client.caption(png_bytes(), max_new_tokens=3).captions
+            assert client.caption(png_bytes(), generation=TextOptions(max_new_tokens=3)).captions
     finally:
         assert server.stop() == 0, server.log()

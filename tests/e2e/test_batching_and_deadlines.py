@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -22,6 +23,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
+from imago.client import DiffusionOptions, PreviewOptions
 from imago.client.api import AsyncImagoClient, ImagoClient
 from imago.v1 import caption_pb2, caption_pb2_grpc, common_pb2
 
@@ -34,7 +36,9 @@ def hold_worker(target: str, size: int = 256) -> Callable[[], None]:
     once it runs; the returned function cancels it, which frees the worker
     within one denoising step."""
     client = ImagoClient(target, timeout=300)
-    stream = client.generate("hold the worker", steps=150, width=size, height=size)
+    stream = client.generate(
+        "hold the worker", diffusion=DiffusionOptions(steps=150, width=size, height=size)
+    )
     for event in stream:
         if event.HasField("started"):
             break
@@ -163,17 +167,20 @@ def test_compatible_generations_share_a_batch_and_keep_their_own_streams(server)
         {"prompt": "a red fox", "seed": 11, "num_images": 1},
         {"prompt": "a blue whale in deep water", "seed": 42, "num_images": 2},
     ]
-    shape = {"steps": 3, "width": 64, "height": 64, "preview_every": 1}
+    shape = DiffusionOptions(steps=3, width=64, height=64)
+    every_step = PreviewOptions(every_n_steps=1)
+
+    def options(job: dict) -> dict:
+        diffusion = replace(shape, seed=job["seed"], num_images=job["num_images"])
+        return {"diffusion": diffusion, "previews": every_step}
+
     with ImagoClient(server.target, timeout=120) as client:
-        alone = [
-            client.generate_result(job.pop("prompt"), **job, **shape) for job in map(dict, jobs)
-        ]
+        alone = [client.generate_result(job["prompt"], **options(job)) for job in jobs]
     assert {result.info.batch_size for result in alone} == {1}
 
     async def one(job: dict) -> list:
         async with AsyncImagoClient(server.target, timeout=120) as client:
-            job = dict(job)
-            return [event async for event in client.generate(job.pop("prompt"), **job, **shape)]
+            return [event async for event in client.generate(job["prompt"], **options(job))]
 
     async def together():
         release = hold_worker(server.target)
@@ -208,8 +215,8 @@ def test_queued_events_follow_the_position_as_the_queue_moves(server):
     release = hold_worker(server.target)
     with ImagoClient(server.target, timeout=120) as client:
         # Different sizes cannot share a batch, so they leave the queue one by one.
-        first = client.generate("first", steps=2, width=64, height=64)
-        second = client.generate("second", steps=2, width=72, height=72)
+        first = client.generate("first", diffusion=DiffusionOptions(steps=2, width=64, height=64))
+        second = client.generate("second", diffusion=DiffusionOptions(steps=2, width=72, height=72))
         assert next(first).queued.position == 0
         assert next(second).queued.position == 1
         release()
@@ -225,10 +232,16 @@ def test_a_full_queue_turns_a_request_away_at_once_with_retry_info(model_cache, 
     try:
         release = hold_worker(server.target)
         with ImagoClient(server.target, timeout=120) as client:
-            waiting = client.generate("waits its turn", steps=2, width=64, height=64)
+            waiting = client.generate(
+                "waits its turn", diffusion=DiffusionOptions(steps=2, width=64, height=64)
+            )
             assert next(waiting).queued.position == 0
             with pytest.raises(grpc.RpcError) as caught:
-                list(client.generate("one too many", steps=2, width=72, height=72))
+                list(
+                    client.generate(
+                        "one too many", diffusion=DiffusionOptions(steps=2, width=72, height=72)
+                    )
+                )
             release()
             # Nothing else was disturbed: the waiting request completes.
             assert event_kinds(waiting)[-1] == "result"
@@ -254,7 +267,9 @@ def test_work_spreads_over_every_worker_holding_the_model(model_cache, tmp_path)
 
         async def generate(prompt: str, timeline: list) -> None:
             async with AsyncImagoClient(server.target, timeout=120) as client:
-                async for event in client.generate(prompt, steps=10, width=128, height=128):
+                async for event in client.generate(
+                    prompt, diffusion=DiffusionOptions(steps=10, width=128, height=128)
+                ):
                     timeline.append((prompt, event.WhichOneof("event"), event))
 
         async def side_by_side() -> list:
@@ -286,9 +301,13 @@ def test_a_deadline_passing_in_the_queue_frees_the_place(server):
             ImagoClient(server.target, timeout=1.0) as impatient,
             ImagoClient(server.target, timeout=120) as patient,
         ):
-            doomed = impatient.generate("never runs", steps=2, width=64, height=64)
+            doomed = impatient.generate(
+                "never runs", diffusion=DiffusionOptions(steps=2, width=64, height=64)
+            )
             assert next(doomed).queued.position == 0
-            behind = patient.generate("behind it", steps=2, width=72, height=72)
+            behind = patient.generate(
+                "behind it", diffusion=DiffusionOptions(steps=2, width=72, height=72)
+            )
             assert next(behind).queued.position == 1
             with pytest.raises(grpc.RpcError) as caught:
                 list(doomed)
@@ -300,17 +319,17 @@ def test_a_deadline_passing_in_the_queue_frees_the_place(server):
 
 
 def test_a_deadline_passing_mid_generation_stops_it_and_frees_the_worker(server):
-    size = {"width": 512, "height": 512}
+    size = DiffusionOptions(width=512, height=512)
     with ImagoClient(server.target, timeout=300) as client:
         timing = []
-        client.generate_result("timing", steps=3, **size, on_event=timing.append)
+        client.generate_result("timing", diffusion=replace(size, steps=3), on_event=timing.append)
     steps = [e.progress.elapsed_seconds for e in timing if e.HasField("progress")]
     step_s = (steps[-1] - steps[0]) / 2
     # The server refuses at once a run it estimates longer than its deadline;
     # ask it for its estimate of this one.
     with ImagoClient(server.target, timeout=0.05) as probe:
         with pytest.raises(grpc.RpcError) as refused:
-            probe.generate_result("too long", steps=150, **size)
+            probe.generate_result("too long", diffusion=replace(size, steps=150))
     estimate = re.search(r"would take about ([0-9.]+)s", refused.value.details() or "")
     assert estimate, refused.value.details()
     # Long enough for the whole run, so it is queued; but it waits behind a
@@ -321,12 +340,14 @@ def test_a_deadline_passing_mid_generation_stops_it_and_frees_the_worker(server)
     with ImagoClient(server.target, timeout=deadline) as hurried:
         progress = []
         with pytest.raises(grpc.RpcError) as caught:
-            for event in hurried.generate("too long", steps=150, **size):
+            for event in hurried.generate("too long", diffusion=replace(size, steps=150)):
                 if event.HasField("progress"):
                     progress.append(event.progress)
     expired_at = time.monotonic()
     with ImagoClient(server.target, timeout=120) as client:
-        follow_up = client.generate_result("next", steps=2, width=64, height=64)
+        follow_up = client.generate_result(
+            "next", diffusion=DiffusionOptions(steps=2, width=64, height=64)
+        )
     waited = time.monotonic() - expired_at
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert progress and progress[-1].step < 150

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,16 +22,18 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
+from imago.client import TextOptions
 from imago.client.api import ImagoClient
 from imago.client.cli import build_parser
 from imago.client.cli.serve import serve_config
 from imago.v1 import caption_pb2
 from imago.workers.checkpoints import tiny
 from imago.workers.contract.adapters import adapter_folders
+from imago.workers.contract.jobs import CaptionJob, TextSettings, VqaJob
 from imago.workers.contract.presets import preset, with_overrides
-from imago.workers.contract.protocol import CaptionJob, TextSettings, VqaJob
+from imago.workers.contract.protocol import Failed, TextResult
 from imago.workers.families.blip2.runner import Blip2Runner
-from imago.workers.runtime.runner import Request
+from imago.workers.runtime.runner import Event, Request
 
 IMAGES = [
     png_bytes(size=(50, 42), color=(30, 90, 200)),
@@ -111,14 +114,11 @@ class Sink:
         self.results: dict[str, list[tuple[str, float]]] = {}
         self.failures: dict[str, tuple[str, str]] = {}
 
-    def started(self, request_id: str, total_steps: int = 0) -> None:
-        pass
-
-    def text_result(self, request_id, texts, seed, inference_seconds, tokens=None) -> None:
-        self.results[request_id] = [(text.text, text.score) for text in texts]
-
-    def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
-        self.failures[request_id] = (code, field)
+    def emit(self, event: Event, frames: Sequence[bytes] = ()) -> None:
+        if isinstance(event, TextResult):
+            self.results[event.request_id] = [(text.text, text.score) for text in event.texts]
+        elif isinstance(event, Failed):
+            self.failures[event.request_id] = (event.code, event.field)
 
     def is_cancelled(self, request_id: str) -> bool:
         return False
@@ -207,7 +207,7 @@ def test_adapter_folders_are_named_folders_with_a_peft_config(adapter_dir):
 
 def test_the_adapter_directory_is_an_extra_of_the_blip2_model():
     args = build_parser().parse_args(["serve", "--caption-adapter-dir", "/srv/adapters"])
-    (blip2,) = [spec for spec in serve_config(args).models() if spec.family == "blip2"]
+    (blip2,) = [spec for spec in serve_config(args).resolve().models if spec.family == "blip2"]
     assert blip2.extras == (("adapters", "/srv/adapters"),)
     (cleared,) = [s for s in with_overrides((blip2,), ("adapters=",)) if s.family == "blip2"]
     assert cleared.extras == ()
@@ -227,18 +227,19 @@ def test_an_adapter_changes_the_caption(client, adapter):
     ids=["greedy", "beam"],
 )
 def test_without_an_adapter_results_equal_a_server_without_adapters(client, plain_client, settings):
+    generation = TextOptions(**settings)
     for image in IMAGES:
         # Scores too: any change in the model's arithmetic would show in them.
-        assert texts(client.caption(image, **settings)) == texts(
-            plain_client.caption(image, **settings)
+        assert texts(client.caption(image, generation=generation)) == texts(
+            plain_client.caption(image, generation=generation)
         )
-        assert texts(client.ask(image, QUESTION, **settings)) == texts(
-            plain_client.ask(image, QUESTION, **settings)
+        assert texts(client.ask(image, QUESTION, generation=generation)) == texts(
+            plain_client.ask(image, QUESTION, generation=generation)
         )
     # Also after requests with an adapter have run.
-    client.caption(IMAGES[0], adapter="ink", **settings)
-    assert texts(client.caption(IMAGES[0], **settings)) == texts(
-        plain_client.caption(IMAGES[0], **settings)
+    client.caption(IMAGES[0], adapter="ink", generation=generation)
+    assert texts(client.caption(IMAGES[0], generation=generation)) == texts(
+        plain_client.caption(IMAGES[0], generation=generation)
     )
 
 
@@ -254,13 +255,19 @@ def test_a_served_adapter_equals_peft_called_directly(client, adapter_dir, model
         output = model.generate(**inputs, max_new_tokens=12)
     continuation = output[:, inputs["input_ids"].shape[1] :]
     direct = processor.tokenizer.batch_decode(continuation, skip_special_tokens=True)[0].strip()
-    served = client.caption(IMAGES[1], adapter=adapter, max_new_tokens=12).captions[0].text
+    served = (
+        client.caption(IMAGES[1], adapter=adapter, generation=TextOptions(max_new_tokens=12))
+        .captions[0]
+        .text
+    )
     assert served == direct
 
 
 def test_questions_are_answered_with_an_adapter(client):
-    plain = client.ask(IMAGES[0], QUESTION, max_new_tokens=8)
-    adapted = client.ask(IMAGES[0], QUESTION, adapter="ink", max_new_tokens=8)
+    plain = client.ask(IMAGES[0], QUESTION, generation=TextOptions(max_new_tokens=8))
+    adapted = client.ask(
+        IMAGES[0], QUESTION, adapter="ink", generation=TextOptions(max_new_tokens=8)
+    )
     assert adapted.answers[0].text and texts(adapted) != texts(plain)
 
 

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from conftest import pixels, start_server
 
+from imago.client import DiffusionOptions
 from imago.client.api import ImagoClient
 
 
-def generate(client: ImagoClient, **options: object):
-    options = {"steps": 3, "seed": 5, "width": 64, "height": 64, **options}
-    return client.generate_result("a lighthouse at dusk", **options)
+def generate(client: ImagoClient, num_images: int = 1):
+    diffusion = DiffusionOptions(steps=3, seed=5, width=64, height=64, num_images=num_images)
+    return client.generate_result("a lighthouse at dusk", diffusion=diffusion)
 
 
 @pytest.fixture(scope="module")

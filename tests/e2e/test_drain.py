@@ -13,7 +13,7 @@ from conftest import png_bytes, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_lifecycle import children, wait_gone
 
-from imago.client import ImagoClient
+from imago.client import DiffusionOptions, ImagoClient
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -70,7 +70,9 @@ def generation(client: ImagoClient, steps: int, size: int, wait_for: str) -> Bac
 
     def call():
         return client.generate_result(
-            "a slow sunrise", steps=steps, width=size, height=size, on_event=on_event
+            "a slow sunrise",
+            diffusion=DiffusionOptions(steps=steps, width=size, height=size),
+            on_event=on_event,
         )
 
     running = Background(call)

@@ -14,13 +14,14 @@ import grpc
 import pytest
 from conftest import field_violations, png_bytes, start_server
 
+from imago.client import DiffusionOptions
 from imago.client.api import ImagoClient
 from imago.client.messages import caption_request
 from imago.v1 import caption_pb2
 
 IMAGE = png_bytes()
 #: Generations the busy clients send back to back: 4 of them fill a batch.
-GENERATION = {"steps": 20, "width": 64, "height": 64}
+GENERATION = DiffusionOptions(steps=20, width=64, height=64)
 
 
 class Looping:
@@ -53,7 +54,7 @@ class Looping:
 
 
 def generate(client: ImagoClient):
-    return client.generate_result("a red fox", **GENERATION)
+    return client.generate_result("a red fox", diffusion=GENERATION)
 
 
 def caption(client: ImagoClient):
@@ -141,7 +142,11 @@ def test_a_generation_that_cannot_meet_its_deadline_is_refused_at_once(fresh_ser
     server = fresh_server()
     with ImagoClient(server.target, timeout=300) as client:
         timing = []
-        client.generate_result("timing", steps=4, width=64, height=64, on_event=timing.append)
+        client.generate_result(
+            "timing",
+            diffusion=DiffusionOptions(steps=4, width=64, height=64),
+            on_event=timing.append,
+        )
         steps = [e.progress.elapsed_seconds for e in timing if e.HasField("progress")]
         step_s = (steps[-1] - steps[0]) / 3
     # A tenth of the time its 150 steps take here.
@@ -150,7 +155,9 @@ def test_a_generation_that_cannot_meet_its_deadline_is_refused_at_once(fresh_ser
         events = []
         with pytest.raises(grpc.RpcError) as caught:
             hurried.generate_result(
-                "too long", steps=150, width=64, height=64, on_event=events.append
+                "too long",
+                diffusion=DiffusionOptions(steps=150, width=64, height=64),
+                on_event=events.append,
             )
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # Refused before it was queued: an expiring run would have heard Queued.
@@ -162,15 +169,21 @@ def test_a_step_longer_than_the_watchdog_is_refused_and_the_worker_stays_free(fr
     with ImagoClient(server.target, timeout=300) as client:
         # Two sizes, so that the cost of a pixel is measured.
         for size in (64, 256, 64, 256):
-            client.generate_result("timing", steps=3, width=size, height=size)
+            client.generate_result(
+                "timing", diffusion=DiffusionOptions(steps=3, width=size, height=size)
+            )
     with ImagoClient(server.target, timeout=60) as client:
         with pytest.raises(grpc.RpcError) as caught:
-            client.generate_result("huge", steps=150, width=2048, height=2048, num_images=8)
+            client.generate_result(
+                "huge", diffusion=DiffusionOptions(steps=150, width=2048, height=2048, num_images=8)
+            )
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "one step of 8 images of 2048x2048" in caught.value.details()
         assert "--watchdog-s" in caught.value.details()
         # Nothing of it runs: the next request starts at once.
-        after = client.generate_result("next", steps=2, width=64, height=64)
+        after = client.generate_result(
+            "next", diffusion=DiffusionOptions(steps=2, width=64, height=64)
+        )
     assert after.info.queue_seconds < 1.0
 
 
@@ -178,9 +191,13 @@ def test_more_pixels_than_a_cpu_worker_takes_are_refused_naming_num_images(fresh
     server = fresh_server()
     with ImagoClient(server.target, timeout=300) as client:
         with pytest.raises(grpc.RpcError) as caught:
-            client.generate_result("huge", steps=150, width=2048, height=2048, num_images=8)
+            client.generate_result(
+                "huge", diffusion=DiffusionOptions(steps=150, width=2048, height=2048, num_images=8)
+            )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field_violations(caught.value) == ["num_images"]
         assert "--max-pixels" in caught.value.details()
         # Exactly the bound (8 images of 512 x 512) is admitted.
-        assert client.generate_result("fits", steps=2, width=512, height=512, num_images=8)
+        assert client.generate_result(
+            "fits", diffusion=DiffusionOptions(steps=2, width=512, height=512, num_images=8)
+        )

@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-from imago.client import ImagoClient
+from imago.client import DiffusionOptions, ImagoClient, TextOptions
 from imago.workers.checkpoints import tiny
 
 IMAGE = png_bytes(size=(50, 42), color=(30, 90, 200))
@@ -59,7 +59,7 @@ def direct_texts(blip2, prompt: str, seed: int | None = None, **settings) -> lis
     ids=["greedy", "beam", "repetition-penalty"],
 )
 def test_served_caption_equals_direct_generate(client, blip2, settings):
-    served = [c.text for c in client.caption(IMAGE, **settings).captions]
+    served = [c.text for c in client.caption(IMAGE, generation=TextOptions(**settings)).captions]
     assert served == direct_texts(blip2, "", **settings)
 
 
@@ -79,13 +79,18 @@ def test_served_caption_equals_direct_generate(client, blip2, settings):
     ids=["temperature", "nucleus-several"],
 )
 def test_served_sampled_caption_equals_direct_generate_with_the_same_seed(client, blip2, settings):
-    served = [c.text for c in client.caption(IMAGE, seed=2024, **settings).captions]
+    served = [
+        c.text
+        for c in client.caption(IMAGE, generation=TextOptions(seed=2024, **settings)).captions
+    ]
     assert served == direct_texts(blip2, "", seed=2024, **settings)
 
 
 def test_served_beam_scores_equal_direct_sequence_scores(client, blip2):
     settings = {"max_new_tokens": 10, "num_beams": 4, "length_penalty": -1.5}
-    served = client.caption(IMAGE, num_return_sequences=3, **settings).captions
+    served = client.caption(
+        IMAGE, generation=TextOptions(num_return_sequences=3, **settings)
+    ).captions
     processor, model = blip2
     inputs = processor(images=Image.open(io.BytesIO(IMAGE)).convert("RGB"), return_tensors="pt")
     with torch.inference_mode():
@@ -98,14 +103,22 @@ def test_served_beam_scores_equal_direct_sequence_scores(client, blip2):
 
 
 def test_served_prefixed_caption_continues_the_prefix_as_direct_generate_does(client, blip2):
-    served = client.caption(IMAGE, prefix="a photo of", max_new_tokens=8).captions[0].text
+    served = (
+        client.caption(IMAGE, prefix="a photo of", generation=TextOptions(max_new_tokens=8))
+        .captions[0]
+        .text
+    )
     continuation = direct_continuations(blip2, "a photo of", max_new_tokens=8)[0]
     assert continuation.strip()
     assert served == ("a photo of" + continuation).strip()
 
 
 def test_served_answer_equals_direct_generate_on_the_vqa_prompt(client, blip2):
-    served = client.ask(IMAGE, "what colour is the sky?", max_new_tokens=9).answers[0].text
+    served = (
+        client.ask(IMAGE, "what colour is the sky?", generation=TextOptions(max_new_tokens=9))
+        .answers[0]
+        .text
+    )
     direct = direct_texts(blip2, "Question: what colour is the sky? Answer:", max_new_tokens=9)
     assert [served] == direct
 
@@ -115,9 +128,12 @@ def test_served_images_equal_direct_diffusers_within_one_level(client, model_cac
     pipe.set_progress_bar_config(disable=True)
     prompt, negative = "a lighthouse on a cliff at dusk", "blurry"
     result = client.generate_result(
-        prompt, negative_prompt=negative, seed=11, num_images=2, steps=6, guidance_scale=6.0,
-        width=64, height=96,
-    )  # fmt: skip
+        prompt,
+        negative_prompt=negative,
+        diffusion=DiffusionOptions(
+            seed=11, num_images=2, steps=6, guidance_scale=6.0, width=64, height=96
+        ),
+    )
     generators = [torch.Generator("cpu").manual_seed(s) for s in (11, 12)]
     direct = pipe(
         prompt, negative_prompt=negative, num_inference_steps=6, guidance_scale=6.0, width=64,

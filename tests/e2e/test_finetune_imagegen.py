@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
 
+from imago.client import DiffusionOptions
 from imago.client.api import ImagoClient
 from imago.workers.checkpoints import tiny
 from imago.workers.training.common import Example, TrainSettings, load_examples
@@ -245,7 +246,9 @@ def test_the_adapter_is_in_diffusers_lora_format(red_adapter):
 def redness(client: ImagoClient, seed: int, loras: dict[str, float]) -> float:
     """The distance of the mean colour of "a red square" (seed ``seed``, 20 steps)
     from pure red, in RGB units (0..441)."""
-    result = client.generate_result("a red square", steps=20, seed=seed, loras=loras)
+    result = client.generate_result(
+        "a red square", diffusion=DiffusionOptions(steps=20, seed=seed, loras=loras)
+    )
     image = Image.open(io.BytesIO(result.images[0].image.data)).convert("RGB")
     mean = np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(0)
     return float(np.linalg.norm(mean - RED))
@@ -260,7 +263,9 @@ def test_a_served_adapter_paints_its_training_colour(red_adapter, model_cache, t
     try:
         with ImagoClient(server.target, timeout=120) as client:
             with pytest.raises(grpc.RpcError) as caught:
-                client.generate_result("a red square", steps=2, loras={"blue": 1.0})
+                client.generate_result(
+                    "a red square", diffusion=DiffusionOptions(steps=2, loras={"blue": 1.0})
+                )
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
             assert "red" in caught.value.details()  # the loaded names are listed
             seeds = (0, 1, 2)

@@ -9,6 +9,7 @@ import torch
 from conftest import gradient, pixels, png
 from diffusers import StableDiffusionImg2ImgPipeline
 
+from imago.client import DiffusionOptions, ImageToImage
 from imago.client.api import ImagoClient
 from imago.workers.checkpoints import tiny
 
@@ -22,9 +23,11 @@ def client(server):
 def test_the_output_takes_the_init_images_size_and_runs_steps_times_strength(client):
     events = []
     result = client.generate_result(
-        "a fox", init_image=png(gradient(96, 64)), strength=0.6, steps=10, seed=1,
+        "a fox",
+        diffusion=DiffusionOptions(steps=10, seed=1),
+        edit=ImageToImage(png(gradient(96, 64)), strength=0.6),
         on_event=events.append,
-    )  # fmt: skip
+    )
     started = [e.started for e in events if e.HasField("started")]
     steps = [e.progress.step for e in events if e.HasField("progress")]
     assert [s.total_steps for s in started] == [6]
@@ -35,7 +38,9 @@ def test_the_output_takes_the_init_images_size_and_runs_steps_times_strength(cli
 
 def test_width_and_height_resize_the_init_image(client):
     result = client.generate_result(
-        "a fox", init_image=png(gradient(96, 64)), strength=0.5, steps=4, width=64, height=64
+        "a fox",
+        diffusion=DiffusionOptions(steps=4, width=64, height=64),
+        edit=ImageToImage(png(gradient(96, 64)), strength=0.5),
     )
     assert (result.images[0].image.width, result.images[0].image.height) == (64, 64)
 
@@ -43,9 +48,10 @@ def test_width_and_height_resize_the_init_image(client):
 def test_served_image_to_image_equals_direct_diffusers(client, model_cache):
     init = gradient(96, 64)
     served = client.generate_result(
-        "a fox in snow", init_image=png(init), strength=0.7, steps=10, seed=8, num_images=2,
-        scheduler="euler",
-    )  # fmt: skip
+        "a fox in snow",
+        diffusion=DiffusionOptions(steps=10, seed=8, num_images=2, scheduler="euler"),
+        edit=ImageToImage(png(init), strength=0.7),
+    )
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
         tiny.ensure("stable-diffusion", model_cache)
     )
@@ -65,7 +71,7 @@ def test_a_style_image_without_an_ip_adapter_fails_its_precondition(client, serv
     from imago.client.api import generate_request
     from imago.v1 import imagegen_pb2_grpc
 
-    request = generate_request("a fox", init_image=png(gradient()), strength=0.5)
+    request = generate_request("a fox", edit=ImageToImage(png(gradient()), strength=0.5))
     request.image_to_image.style_image.data = png(gradient(64, 64))
     stub = imagegen_pb2_grpc.ImageGenServiceStub(server.channel())
     with pytest.raises(grpc.RpcError) as caught:
@@ -76,7 +82,7 @@ def test_a_style_image_without_an_ip_adapter_fails_its_precondition(client, serv
 
 def test_an_init_image_that_is_not_an_image_names_the_field(client):
     with pytest.raises(grpc.RpcError) as caught:
-        client.generate_result("a fox", init_image=b"not an image at all", strength=0.5)
+        client.generate_result("a fox", edit=ImageToImage(b"not an image at all", strength=0.5))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "image_to_image.init_image.data" in caught.value.details()
 
@@ -84,6 +90,8 @@ def test_an_init_image_that_is_not_an_image_names_the_field(client):
 def test_a_truncated_init_image_is_refused_by_the_worker_naming_the_field(client):
     truncated = png(gradient(300, 300))[:300]
     with pytest.raises(grpc.RpcError) as caught:
-        client.generate_result("a fox", init_image=truncated, strength=0.5, steps=2)
+        client.generate_result(
+            "a fox", diffusion=DiffusionOptions(steps=2), edit=ImageToImage(truncated, strength=0.5)
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "image_to_image.init_image.data" in caught.value.details()

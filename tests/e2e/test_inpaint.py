@@ -10,6 +10,7 @@ from conftest import gradient, pixels, png, start_server
 from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 from PIL import Image
 
+from imago.client import DiffusionOptions, Inpaint
 from imago.client.api import ImagoClient
 from imago.workers.checkpoints import tiny
 
@@ -30,7 +31,9 @@ def assert_equals_direct(client: ImagoClient, checkpoint) -> None:
     """Inpainting served by ``client`` equals diffusers' on ``checkpoint``."""
     image, mask = gradient(), square_mask()
     served = client.generate_result(
-        "a red door", init_image=png(image), mask_image=png(mask), steps=6, seed=17
+        "a red door",
+        diffusion=DiffusionOptions(steps=6, seed=17),
+        edit=Inpaint(png(image), png(mask)),
     )
     pipe = StableDiffusionInpaintPipeline.from_pretrained(checkpoint)
     pipe.set_progress_bar_config(disable=True)
@@ -59,7 +62,9 @@ def test_without_one_generic_inpainting_equals_diffusers_on_the_base_model(model
 
 def test_a_mask_of_another_size_is_resized_and_the_result_says_so(client):
     result = client.generate_result(
-        "a red door", init_image=png(gradient()), mask_image=png(square_mask(48, 48)), steps=2
+        "a red door",
+        diffusion=DiffusionOptions(steps=2),
+        edit=Inpaint(png(gradient()), png(square_mask(48, 48))),
     )
     assert any("mask is 48x48" in warning for warning in result.warnings)
     assert (result.images[0].image.width, result.images[0].image.height) == (96, 64)
@@ -68,15 +73,17 @@ def test_a_mask_of_another_size_is_resized_and_the_result_says_so(client):
 def test_strength_runs_part_of_the_schedule(client):
     events = []
     client.generate_result(
-        "a red door", init_image=png(gradient()), mask_image=png(square_mask()), steps=10,
-        strength=0.5, on_event=events.append,
-    )  # fmt: skip
+        "a red door",
+        diffusion=DiffusionOptions(steps=10),
+        edit=Inpaint(png(gradient()), png(square_mask()), strength=0.5),
+        on_event=events.append,
+    )
     assert [e.progress.step for e in events if e.HasField("progress")] == [1, 2, 3, 4, 5]
 
 
 def test_a_mask_that_is_not_an_image_is_invalid(client):
     with pytest.raises(grpc.RpcError) as caught:
-        client.generate_result("a red door", init_image=png(gradient()), mask_image=b"mask?")
+        client.generate_result("a red door", edit=Inpaint(png(gradient()), b"mask?"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "inpaint.mask.data" in caught.value.details()
 
@@ -84,6 +91,6 @@ def test_a_mask_that_is_not_an_image_is_invalid(client):
 def test_a_truncated_mask_is_refused_by_the_worker_naming_the_field(client):
     truncated = png(square_mask(300, 300))[:120]
     with pytest.raises(grpc.RpcError) as caught:
-        client.generate_result("a red door", init_image=png(gradient()), mask_image=truncated)
+        client.generate_result("a red door", edit=Inpaint(png(gradient()), truncated))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "inpaint.mask.data" in caught.value.details()

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from conftest import png_bytes, start_server
 
-from imago.client import ImagoClient
+from imago.client import DiffusionOptions, ImagoClient
 
 
 def children(pid: int) -> list[int]:
@@ -120,7 +120,9 @@ def test_a_killed_worker_fails_its_request_and_health_follows(model_cache, tmp_p
     try:
         (worker,) = worker_pids(server.process.pid)
         with ImagoClient(server.target, timeout=120) as client:
-            stream = client.generate("a long walk", steps=150, width=256, height=256)
+            stream = client.generate(
+                "a long walk", diffusion=DiffusionOptions(steps=150, width=256, height=256)
+            )
             for event in stream:
                 if event.HasField("progress"):
                     os.kill(worker, signal.SIGKILL)

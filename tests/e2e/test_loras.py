@@ -15,6 +15,7 @@ from conftest import start_server
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from imago.client import DiffusionOptions
 from imago.client.api import ImagoClient
 from imago.workers.checkpoints import tiny
 from imago.workers.contract.adapters import check_name
@@ -66,8 +67,9 @@ def client(lora_server):
         yield imago
 
 
-def generate(client: ImagoClient, **options):
-    return client.generate_result("a fox", steps=3, seed=4, **options)
+def generate(client: ImagoClient, loras: dict[str, float] | None = None):
+    diffusion = DiffusionOptions(steps=3, seed=4, loras=loras or {})
+    return client.generate_result("a fox", diffusion=diffusion)
 
 
 @pytest.mark.parametrize("name", ["ink", "v1.2_soft-light", "A9"])

@@ -23,8 +23,9 @@ from imago.server.metrics import Metrics
 from imago.server.observability import ObservabilityInterceptor, final_code
 from imago.server.scheduler import Scheduler, Ticket
 from imago.v1 import caption_pb2, caption_pb2_grpc, common_pb2, imagegen_pb2, imagegen_pb2_grpc
+from imago.workers.contract.jobs import CaptionJob, TextSettings
 from imago.workers.contract.presets import BatchPolicy
-from imago.workers.contract.protocol import CaptionJob, Heartbeat, TextSettings, WorkItem
+from imago.workers.contract.protocol import Heartbeat, WorkItem
 
 CAPTION = {"service": "imago.v1.CaptionService", "method": "Caption"}
 GENERATE = {"service": "imago.v1.ImageGenService", "method": "Generate"}

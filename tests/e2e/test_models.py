@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import png_bytes, start_server
 
-from imago.client import ImagoClient
+from imago.client import ImagoClient, TextOptions
 from imago.workers.contract.presets import (
     BLIP2,
     BLIP2_ALIGN,
@@ -81,11 +81,22 @@ def test_legacy_blip2_checkpoint_is_served_like_the_modern_one(server, model_cac
     try:
         image = png_bytes(size=(33, 61), color=(120, 200, 40))
         with ImagoClient(legacy.target, timeout=60) as old, ImagoClient(server.target) as new:
-            caption = old.caption(image, max_new_tokens=12)
+            caption = old.caption(image, generation=TextOptions(max_new_tokens=12))
             assert caption.info.model == "tiny-blip2-legacy"
-            expected = new.caption(image, max_new_tokens=12).captions[0].text
+            expected = (
+                new.caption(image, generation=TextOptions(max_new_tokens=12)).captions[0].text
+            )
             assert caption.captions[0].text == expected
-            answer = old.ask(image, "what is it?", max_new_tokens=6).answers[0].text
-            assert answer == new.ask(image, "what is it?", max_new_tokens=6).answers[0].text
+            answer = (
+                old.ask(image, "what is it?", generation=TextOptions(max_new_tokens=6))
+                .answers[0]
+                .text
+            )
+            assert (
+                answer
+                == new.ask(image, "what is it?", generation=TextOptions(max_new_tokens=6))
+                .answers[0]
+                .text
+            )
     finally:
         assert legacy.stop() == 0

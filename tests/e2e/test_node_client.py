@@ -17,6 +17,7 @@ from certificates import Pki, make_pki
 from conftest import RunningServer, png_bytes, start_server, wait_serving
 from PIL import Image
 
+from imago.client import DiffusionOptions, TextOptions
 from imago.client.api import ImagoClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +88,7 @@ def test_caption_matches_the_python_clients_with_the_same_settings(server, tmp_p
     result = node_cli(server.target, "caption", str(image), "--num-beams", "2", "--prefix", "a")
     assert result.returncode == 0, result.stderr
     with ImagoClient(server.target, timeout=TIMEOUT_S) as client:
-        reply = client.caption(image.read_bytes(), prefix="a", num_beams=2)
+        reply = client.caption(image.read_bytes(), prefix="a", generation=TextOptions(num_beams=2))
     assert result.stdout == reply.captions[0].text + "\n"
 
 
@@ -137,12 +138,10 @@ def test_generate_makes_the_python_clients_image_for_the_same_seed(server, tmp_p
     with ImagoClient(server.target, timeout=TIMEOUT_S) as client:
         expected = client.generate_result(
             "a red fox",
-            steps=3,
-            seed=1234567890123,
-            width=64,
-            height=80,
-            guidance_scale=5,
             negative_prompt="blur",
+            diffusion=DiffusionOptions(
+                steps=3, seed=1234567890123, width=64, height=80, guidance_scale=5
+            ),
         )
     # Same bytes: same pixels, and the same generation parameters in the PNG.
     assert out.read_bytes() == expected.images[0].image.data

@@ -13,9 +13,10 @@ import grpc
 import pytest
 from conftest import png_bytes, start_server
 
-from imago.client import ImagoClient
-from imago.workers.contract.protocol import (
+from imago.client import DiffusionOptions, ImagoClient
+from imago.workers.contract.jobs import (
     CaptionJob,
+    DiffusionParams,
     MatchJob,
     TextSettings,
     TextToImageJob,
@@ -58,9 +59,14 @@ def test_a_caption_out_of_memory_is_resource_exhausted_and_the_worker_serves_on(
 def test_a_generation_out_of_memory_is_resource_exhausted_and_the_worker_serves_on(faulty, kind):
     with ImagoClient(faulty.target, timeout=120) as client:
         with pytest.raises(grpc.RpcError) as caught:
-            client.generate_result(f"a fox __imago_fault__:{kind}", steps=4, width=64, height=64)
+            client.generate_result(
+                f"a fox __imago_fault__:{kind}",
+                diffusion=DiffusionOptions(steps=4, width=64, height=64),
+            )
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        result = client.generate_result("a fox", steps=4, width=64, height=64)
+        result = client.generate_result(
+            "a fox", diffusion=DiffusionOptions(steps=4, width=64, height=64)
+        )
         assert len(result.images) == 1
     assert restarts(faulty.log()) == 0
 
@@ -106,7 +112,8 @@ def test_fault_injection_needs_the_switch_set_to_one():
 
 
 def test_fault_markers_are_found_in_every_kind_of_request_text():
-    image = TextToImageJob("x", "__imago_fault__:hang", 64, 64, 4, 7.5, 0, 1, "PNG", 0, "JPEG", 0)
+    params = DiffusionParams(64, 64, 4, 7.5)
+    image = TextToImageJob("x", "__imago_fault__:hang", params, seed=0, num_images=1)
     assert fault_of(CaptionJob("a __imago_fault__:oom b", SETTINGS)) == "oom"
     assert fault_of(VqaJob("why?__imago_fault__:exit", SETTINGS)) == "exit"
     assert fault_of(image) == "hang"

@@ -6,10 +6,12 @@ import io
 
 import grpc
 import pytest
+from job_builders import image_job
 from PIL import Image
 
+from imago.client import DiffusionOptions, OutputOptions
 from imago.client.api import ImagoClient
-from imago.workers.contract.protocol import ImageToImageJob, TextToImageJob
+from imago.workers.contract.jobs import ImageToImageJob, TextToImageJob
 from imago.workers.families.diffusion.parameters import parameters_text
 
 
@@ -20,7 +22,7 @@ def job(**fields) -> TextToImageJob:
         preview_format="JPEG", preview_max_size=0,
     )  # fmt: skip
     values.update(fields)
-    return TextToImageJob(**values)
+    return image_job(**values)
 
 
 def test_parameters_follow_the_layout_other_tools_read():
@@ -49,7 +51,9 @@ def client(server):
 
 def test_png_results_carry_their_parameters(client):
     result = client.generate_result(
-        "a lighthouse", negative_prompt="fog", steps=3, seed=41, num_images=2, scheduler="unipc"
+        "a lighthouse",
+        negative_prompt="fog",
+        diffusion=DiffusionOptions(steps=3, seed=41, num_images=2, scheduler="unipc"),
     )
     for offset, generated in enumerate(result.images):
         text = Image.open(io.BytesIO(generated.image.data)).text["parameters"]
@@ -58,34 +62,41 @@ def test_png_results_carry_their_parameters(client):
 
 
 def test_parameters_can_be_left_out(client):
-    result = client.generate_result("a lighthouse", steps=2, omit_parameters=True)
+    result = client.generate_result(
+        "a lighthouse",
+        diffusion=DiffusionOptions(steps=2),
+        output=OutputOptions(embed_parameters=False),
+    )
     assert "parameters" not in Image.open(io.BytesIO(result.images[0].image.data)).text
 
 
 def test_jpeg_quality_is_honoured(client):
-    sizes = {
-        quality: len(
-            client.generate_result(
-                "a lighthouse", steps=2, seed=5, width=256, height=256, output_format="jpeg",
-                output_quality=quality,
-            ).images[0].image.data
-        )
-        for quality in (20, 95)
-    }  # fmt: skip
+    diffusion = DiffusionOptions(steps=2, seed=5, width=256, height=256)
+
+    def size(quality: int) -> int:
+        output = OutputOptions(format="jpeg", quality=quality)
+        result = client.generate_result("a lighthouse", diffusion=diffusion, output=output)
+        return len(result.images[0].image.data)
+
+    sizes = {quality: size(quality) for quality in (20, 95)}
     assert sizes[20] < sizes[95]
 
 
 @pytest.mark.parametrize("quality", [101, 1000])
 def test_quality_out_of_range_names_the_field(client, quality):
     with pytest.raises(grpc.RpcError) as caught:
-        client.generate_result("a lighthouse", steps=2, output_quality=quality)
+        client.generate_result(
+            "a lighthouse",
+            diffusion=DiffusionOptions(steps=2),
+            output=OutputOptions(quality=quality),
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "output_quality" in caught.value.details()
 
 
 def test_a_prompt_past_the_text_encoders_limit_is_truncated_with_a_warning(client):
     prompt = " ".join(["cat"] * 75 + ["blue", "castle"])
-    result = client.generate_result(prompt, steps=2)
+    result = client.generate_result(prompt, diffusion=DiffusionOptions(steps=2))
     assert result.images
     (warning,) = result.warnings
     assert warning.startswith("prompt ") and "'blue castle'" in warning

@@ -68,7 +68,7 @@ class Frontend:
 
     async def start(self) -> None:
         # grpc.aio servers belong to the loop they are made in.
-        self.server, self.pool, _ = build_server(self.config, self.metrics)
+        self.server, self.pool, _ = build_server(self.config.resolve(), self.metrics)
         port = self.server.add_insecure_port("127.0.0.1:0")
         self.target = f"127.0.0.1:{port}"
         await self.server.start()

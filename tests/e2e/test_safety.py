@@ -13,6 +13,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor
 
+from imago.client import DiffusionOptions, ImageToImage
 from imago.client.api import ImagoClient
 from imago.workers.checkpoints import tiny
 
@@ -56,7 +57,9 @@ def client(model_cache, tmp_path_factory):
 
 
 def test_a_flagged_image_says_it_was_replaced_and_the_result_warns(client):
-    result = client.generate_result("a fox", steps=2, num_images=2, seed=3)
+    result = client.generate_result(
+        "a fox", diffusion=DiffusionOptions(steps=2, num_images=2, seed=3)
+    )
     assert [(i.nsfw_detected, i.replaced) for i in result.images] == [(True, True)] * 2
     assert any("safety checker flagged image 0, 1" in w for w in result.warnings)
     black = np.asarray(Image.open(io.BytesIO(result.images[0].image.data)))
@@ -66,12 +69,14 @@ def test_a_flagged_image_says_it_was_replaced_and_the_result_warns(client):
 def test_image_to_image_is_checked_too(client):
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 120, 40)).save(buffer, "PNG")
-    result = client.generate_result("a fox", steps=2, init_image=buffer.getvalue())
+    result = client.generate_result(
+        "a fox", diffusion=DiffusionOptions(steps=2), edit=ImageToImage(buffer.getvalue())
+    )
     assert result.images[0].nsfw_detected and result.images[0].replaced
 
 
 def test_without_a_checker_nothing_is_flagged(server):
     with ImagoClient(server.target, timeout=120) as plain:
-        result = plain.generate_result("a fox", steps=2)
+        result = plain.generate_result("a fox", diffusion=DiffusionOptions(steps=2))
     assert not result.images[0].nsfw_detected and not result.images[0].replaced
     assert not any("safety" in w for w in result.warnings)

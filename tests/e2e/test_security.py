@@ -29,6 +29,7 @@ from conftest import RunningServer, png_bytes, start_server, wait_serving
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from imago.client import DiffusionOptions, TextOptions
 from imago.client.api import AsyncImagoClient, ImagoClient, caption_request
 from imago.client.cli import main
 from imago.v1 import caption_pb2
@@ -114,7 +115,7 @@ def list_services(channel: grpc.Channel, metadata: tuple = ()) -> list[str]:
 
 def test_a_tls_client_trusting_the_ca_captions(servers, pki):
     with tls_client(servers.tls, pki, token=TOKEN) as client:
-        assert client.caption(png_bytes(), max_new_tokens=3).captions
+        assert client.caption(png_bytes(), generation=TextOptions(max_new_tokens=3)).captions
 
 
 def test_a_plaintext_client_cannot_reach_a_tls_server(servers):
@@ -132,7 +133,7 @@ def test_the_async_client_speaks_tls_with_a_token(servers, pki):
     async def caption() -> caption_pb2.CaptionResponse:
         ca = pki.read("ca.pem")
         async with AsyncImagoClient(servers.tls.target, root_certificates=ca, token=TOKEN) as c:
-            return await c.caption(png_bytes(), max_new_tokens=3)
+            return await c.caption(png_bytes(), generation=TextOptions(max_new_tokens=3))
 
     assert asyncio.run(caption()).captions
 
@@ -149,7 +150,7 @@ def test_mutual_tls_refuses_a_certificate_another_ca_signed(servers, pki):
 
 def test_mutual_tls_accepts_a_certificate_the_ca_signed(servers, pki):
     with tls_client(servers.mutual, pki, "client") as client:
-        assert client.caption(png_bytes(), max_new_tokens=3).captions
+        assert client.caption(png_bytes(), generation=TextOptions(max_new_tokens=3)).captions
 
 
 # ------------------------------------------------------------------ bearer tokens
@@ -160,8 +161,10 @@ def _stream_item() -> caption_pb2.CaptionStreamRequest:
 
 
 CALLS = {
-    "unary Caption": lambda c: c.caption(png_bytes(), max_new_tokens=3),
-    "server-streaming Generate": lambda c: list(c.generate("a fox", steps=2, width=64, height=64)),
+    "unary Caption": lambda c: c.caption(png_bytes(), generation=TextOptions(max_new_tokens=3)),
+    "server-streaming Generate": lambda c: list(
+        c.generate("a fox", diffusion=DiffusionOptions(steps=2, width=64, height=64))
+    ),
     "bidirectional CaptionStream": lambda c: list(c.caption_stream(iter([_stream_item()]))),
 }
 
@@ -198,7 +201,9 @@ def test_a_wrong_token_is_unauthenticated_and_not_repeated(servers, pki):
 
 def test_the_right_token_opens_a_generation_stream(servers, pki):
     with tls_client(servers.tls, pki, token=TOKEN) as client:
-        result = client.generate_result("a fox", steps=2, width=64, height=64, seed=1)
+        result = client.generate_result(
+            "a fox", diffusion=DiffusionOptions(steps=2, width=64, height=64, seed=1)
+        )
     assert len(result.images) == 1
 
 
@@ -344,7 +349,11 @@ def test_an_absolute_path_is_no_adapter_name(servers):
     # (workers/adapters.py check_name) before anything looks it up.
     loras = {"/etc/passwd": 1.0}
     with ImagoClient(servers.guarded.target, timeout=TIMEOUT_S, token=TOKEN) as client:
-        error = refusal(lambda: client.generate_result("a fox", steps=2, loras=loras))
+        error = refusal(
+            lambda: client.generate_result(
+                "a fox", diffusion=DiffusionOptions(steps=2, loras=loras)
+            )
+        )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "loras[0].name" in error.details()
 

@@ -12,6 +12,7 @@ from conftest import png, start_server
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
+from imago.client import DiffusionOptions, ImageToImage
 from imago.client.api import ImagoClient
 from imago.workers.checkpoints import tiny
 
@@ -45,10 +46,11 @@ def client(style_server):
         yield imago
 
 
-def restyle(client: ImagoClient, **options):
-    return client.generate_result(
-        "a house", init_image=png(CONTENT), strength=0.8, steps=5, seed=6, **options
+def restyle(client: ImagoClient, style_image: bytes | None = None, style_scale: float = 0.0):
+    edit = ImageToImage(
+        png(CONTENT), strength=0.8, style_image=style_image, style_scale=style_scale
     )
+    return client.generate_result("a house", diffusion=DiffusionOptions(steps=5, seed=6), edit=edit)
 
 
 def test_a_style_image_restyles_and_equals_diffusers(client, model_cache, ip_adapter):
@@ -71,7 +73,7 @@ def test_a_style_image_restyles_and_equals_diffusers(client, model_cache, ip_ada
 
 
 def test_requests_without_a_style_image_are_untouched_by_the_adapter(client, model_cache):
-    served = client.generate_result("a house", steps=3, seed=2)
+    served = client.generate_result("a house", diffusion=DiffusionOptions(steps=3, seed=2))
     pipe = StableDiffusionPipeline.from_pretrained(tiny.ensure("stable-diffusion", model_cache))
     pipe.set_progress_bar_config(disable=True)
     direct = pipe("a house", num_inference_steps=3, generator=[torch.Generator().manual_seed(2)])

@@ -18,7 +18,7 @@ from conftest import free_port, png_bytes, start_server
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from imago.client import ImagoClient
+from imago.client import DiffusionOptions, ImagoClient, PreviewOptions, TextOptions
 from imago.server.config import DEFAULT_WATCHDOG_S, ServeConfig, resolve_watchdogs
 from imago.server.supervisor import RestartPolicy
 from imago.workers.runtime.faults import ENV, EXIT_CODE
@@ -95,9 +95,9 @@ def test_a_bad_watchdog_entry_is_refused_by_name(entry):
 
 
 def test_serve_config_resolves_watchdogs_for_its_models():
-    config = ServeConfig(watchdog_s=("blip2-itm-tiny=7",))
-    assert config.watchdogs()["blip2-itm-tiny"] == 7.0
-    assert config.watchdogs()["sd-tiny"] == DEFAULT_WATCHDOG_S
+    config = ServeConfig(watchdog_s=("blip2-itm-tiny=7",)).resolve()
+    assert config.watchdogs["blip2-itm-tiny"] == 7.0
+    assert config.watchdogs["sd-tiny"] == DEFAULT_WATCHDOG_S
 
 
 def test_imago_serve_exits_2_on_a_watchdog_for_an_unknown_model(model_cache, tmp_path):
@@ -114,7 +114,9 @@ def test_a_killed_worker_fails_its_request_at_once_and_is_restarted(model_cache,
     try:
         pid = worker_pid(server.log())
         with ImagoClient(server.target, timeout=120) as client:
-            stream = client.generate("a long walk", steps=150, width=512, height=512)
+            stream = client.generate(
+                "a long walk", diffusion=DiffusionOptions(steps=150, width=512, height=512)
+            )
             for event in stream:
                 if event.HasField("progress"):
                     os.kill(pid, signal.SIGKILL)
@@ -175,7 +177,9 @@ def test_a_batch_outlasting_its_watchdog_while_making_progress_is_not_killed(fau
         wait_health(client, "", "SERVING")
         before = worker_pid(faulty.log())
         started = time.monotonic()
-        result = client.generate_result("patience", steps=150, width=448, height=448)
+        result = client.generate_result(
+            "patience", diffusion=DiffusionOptions(steps=150, width=448, height=448)
+        )
         elapsed = time.monotonic() - started
     assert result.images
     assert elapsed > 6.0, "too quick to show anything; use more pixels"
@@ -190,8 +194,12 @@ def test_worker_figures_reach_the_metrics(model_cache, tmp_path):
     server = start_server(model_cache, tmp_path, "--metrics-port", str(port))
     try:
         with ImagoClient(server.target, timeout=120) as client:
-            client.caption(png_bytes(), max_new_tokens=5, min_new_tokens=5)
-            client.generate_result("figures", steps=4, width=64, height=64, preview_every=2)
+            client.caption(png_bytes(), generation=TextOptions(max_new_tokens=5, min_new_tokens=5))
+            client.generate_result(
+                "figures",
+                diffusion=DiffusionOptions(steps=4, width=64, height=64),
+                previews=PreviewOptions(every_n_steps=2),
+            )
         time.sleep(1.5)  # an idle heartbeat carries the memory figures
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             text = reply.read().decode()

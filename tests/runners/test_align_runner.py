@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +19,17 @@ from transformers import (
 )
 
 from imago.workers.checkpoints import tiny
-from imago.workers.contract.protocol import (
-    ArrayMeta,
+from imago.workers.contract.jobs import (
     CaptionJob,
     EmbedImagesJob,
     EmbedTextsJob,
     MatchJob,
     TextSettings,
 )
+from imago.workers.contract.protocol import ArraysResult, Failed
 from imago.workers.families.align import runner as alignment
 from imago.workers.families.align.runner import Blip2AlignRunner
-from imago.workers.runtime.runner import Request
+from imago.workers.runtime.runner import Event, Request
 
 TEXTS = ("a red bus driving down a city street", "a cat sleeping", "two dogs on the grass")
 ATOL = 1e-5
@@ -44,21 +45,16 @@ class FakeSink:
         self.cancel_after = cancel_after or {}
         self.polls: dict[str, int] = {}
 
-    def started(self, request_id: str, total_steps: int = 0) -> None:
-        self.calls.append(("started", request_id))
-
-    def arrays_result(
-        self, request_id: str, arrays: list[tuple[ArrayMeta, bytes]], inference_seconds: float
-    ) -> None:
-        assert inference_seconds >= 0
-        self.calls.append(("arrays_result", request_id))
-        self.arrays[request_id] = {
-            meta.name: np.frombuffer(data, dtype="<f4").reshape(meta.shape) for meta, data in arrays
-        }
-
-    def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
-        self.calls.append(("failed", request_id))
-        self.failures[request_id] = (code, message, field)
+    def emit(self, event: Event, frames: Sequence[bytes] = ()) -> None:
+        self.calls.append((event.__struct_config__.tag, event.request_id))
+        if isinstance(event, ArraysResult):
+            assert event.inference_seconds >= 0
+            self.arrays[event.request_id] = {
+                meta.name: np.frombuffer(data, dtype="<f4").reshape(meta.shape)
+                for meta, data in zip(event.arrays, frames, strict=True)
+            }
+        elif isinstance(event, Failed):
+            self.failures[event.request_id] = (event.code, event.message, event.field)
 
     def is_cancelled(self, request_id: str) -> bool:
         self.polls[request_id] = self.polls.get(request_id, 0) + 1

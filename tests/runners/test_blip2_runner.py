@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,10 @@ from safetensors.torch import load_file
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from imago.workers.checkpoints import blip2 as tiny_blip2
-from imago.workers.contract.protocol import CaptionJob, GeneratedText, TextSettings, VqaJob
+from imago.workers.contract.jobs import CaptionJob, TextSettings, VqaJob
+from imago.workers.contract.protocol import Failed, GeneratedText, TextResult
 from imago.workers.families.blip2.runner import Blip2Runner, generate_kwargs
-from imago.workers.runtime.runner import Request
+from imago.workers.runtime.runner import Event, Request
 
 
 class FakeSink:
@@ -29,17 +31,13 @@ class FakeSink:
         self.cancel_after = cancel_after or {}
         self.polls: dict[str, int] = {}
 
-    def started(self, request_id: str, total_steps: int = 0) -> None:
-        self.calls.append(("started", request_id))
-
-    def text_result(self, request_id, texts, seed, inference_seconds) -> None:
-        self.calls.append(("text_result", request_id))
-        self.results[request_id] = texts
-
-    def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
-        self.calls.append(("failed", request_id))
-        self.failures[request_id] = (code, message)
-        self.fields[request_id] = field
+    def emit(self, event: Event, frames: Sequence[bytes] = ()) -> None:
+        self.calls.append((event.__struct_config__.tag, event.request_id))
+        if isinstance(event, TextResult):
+            self.results[event.request_id] = event.texts
+        elif isinstance(event, Failed):
+            self.failures[event.request_id] = (event.code, event.message)
+            self.fields[event.request_id] = event.field
 
     def is_cancelled(self, request_id: str) -> bool:
         self.polls[request_id] = self.polls.get(request_id, 0) + 1

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from job_builders import image_job
 from PIL import Image
 
 from imago.workers.checkpoints import tiny
+from imago.workers.contract.jobs import TextToImageJob
 from imago.workers.contract.presets import DeviceSettings
-from imago.workers.contract.protocol import TextToImageJob
 from imago.workers.families.blip2.runner import Blip2Runner
 from imago.workers.families.diffusion.runner import StableDiffusionRunner
 from imago.workers.runtime.device_setup import compiled_graphs, dtype_name, torch_dtype
@@ -43,7 +44,7 @@ def job(**fields: object) -> TextToImageJob:
         "steps": 3, "guidance_scale": 7.5, "seed": 7, "num_images": 1, "output_format": "png",
         "preview_every": 0, "preview_format": "jpeg", "preview_max_size": 0,
     }  # fmt: skip
-    return TextToImageJob(**{**values, **fields})
+    return image_job(**{**values, **fields})
 
 
 def images(runner: StableDiffusionRunner, *jobs: TextToImageJob) -> list[np.ndarray]:

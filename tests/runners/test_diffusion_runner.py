@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from job_builders import image_job
 from PIL import Image
 
 from imago.workers.checkpoints import diffusion as tiny_sd
-from imago.workers.contract.protocol import CaptionJob, ImageMeta, TextSettings, TextToImageJob
+from imago.workers.contract.jobs import CaptionJob, TextSettings, TextToImageJob
+from imago.workers.contract.protocol import ImageMeta, ImageResult, Preview, Progress
 from imago.workers.families.diffusion.runner import StableDiffusionRunner
-from imago.workers.runtime.runner import Request
+from imago.workers.runtime.runner import Event, Request
 
 
 @pytest.fixture(scope="session")
@@ -34,53 +37,28 @@ def runner(checkpoint: Path) -> StableDiffusionRunner:
 
 @dataclass
 class RecordingSink:
-    """Records every event; reports a cancel once ``cancel_after`` steps ran,
-    for every request or only for those in ``cancel_ids``."""
+    """Records every event as (kind, values): the message's tag and fields,
+    with its frames as ``data`` (a preview) or paired with ``images`` (a
+    result); reports a cancel once ``cancel_after`` steps ran, for every
+    request or only for those in ``cancel_ids``."""
 
     cancel_after: int | None = None
     cancel_ids: set[str] | None = None
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
-    def _record(self, kind: str, **values: Any) -> None:
-        self.events.append((kind, values))
+    def emit(self, event: Event, frames: Sequence[bytes] = ()) -> None:
+        values = msgspec.structs.asdict(event)
+        if isinstance(event, Progress):
+            values.update(total=event.total_steps, elapsed=event.elapsed_seconds)
+        elif isinstance(event, Preview):
+            (values["data"],) = frames
+        elif isinstance(event, ImageResult):
+            images = list(zip(event.images, frames, strict=True))
+            values.update(images=images, seconds=event.inference_seconds)
+        self.events.append((event.__struct_config__.tag, values))
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [values for name, values in self.events if name == kind]
-
-    def started(self, request_id: str, total_steps: int = 0) -> None:
-        self._record("started", request_id=request_id, total_steps=total_steps)
-
-    def progress(self, request_id, step, total_steps, elapsed_seconds) -> None:
-        self._record(
-            "progress", request_id=request_id, step=step, total=total_steps, elapsed=elapsed_seconds
-        )
-
-    def preview(self, request_id, step, image_index, data, mime_type, width, height) -> None:
-        self._record(
-            "preview",
-            request_id=request_id,
-            step=step,
-            image_index=image_index,
-            data=data,
-            mime_type=mime_type,
-            width=width,
-            height=height,
-        )
-
-    def text_result(self, request_id, texts, seed, inference_seconds) -> None:
-        self._record("text_result", request_id=request_id)
-
-    def image_result(self, request_id, images, warnings, inference_seconds) -> None:
-        self._record(
-            "image_result",
-            request_id=request_id,
-            images=images,
-            warnings=warnings,
-            seconds=inference_seconds,
-        )
-
-    def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
-        self._record("failed", request_id=request_id, code=code, message=message, field=field)
 
     def is_cancelled(self, request_id: str) -> bool:
         if self.cancel_ids is not None and request_id not in self.cancel_ids:
@@ -90,7 +68,8 @@ class RecordingSink:
 
 
 def make_job(**changes: Any) -> TextToImageJob:
-    job = TextToImageJob(
+    """A small text-to-image job; ``changes`` as job_builders.image_job takes them."""
+    values = dict(
         prompt="a photo of a cat sitting on a red chair",
         negative_prompt="",
         width=64,
@@ -104,7 +83,7 @@ def make_job(**changes: Any) -> TextToImageJob:
         preview_format="PNG",
         preview_max_size=512,
     )
-    return msgspec.structs.replace(job, **changes)
+    return image_job(**{**values, **changes})
 
 
 def generate(runner: StableDiffusionRunner, sink: RecordingSink | None = None, **changes: Any):
@@ -369,8 +348,10 @@ def test_compatible_requests_share_one_pipeline_call(
 
 def test_each_member_has_its_own_events_and_previews(runner: StableDiffusionRunner) -> None:
     jobs = mixed_batch(steps=4)
-    jobs["a"] = msgspec.structs.replace(jobs["a"], preview_every=2, preview_format="WEBP")
-    jobs["b"] = msgspec.structs.replace(jobs["b"], preview_every=1)
+    previews_a = msgspec.structs.replace(jobs["a"].preview, every=2, format="WEBP")
+    jobs["a"] = msgspec.structs.replace(jobs["a"], preview=previews_a)
+    previews_b = msgspec.structs.replace(jobs["b"].preview, every=1)
+    jobs["b"] = msgspec.structs.replace(jobs["b"], preview=previews_b)
     sink = RecordingSink()
     runner.run([Request(rid, job) for rid, job in jobs.items()], sink)
 
@@ -455,7 +436,7 @@ def test_incompatible_requests_run_in_separate_calls(
         if request.request_id in results:
             job = request.job
             sizes = [(meta.width, meta.height) for meta, _ in results[request.request_id]]
-            assert sizes == [(job.width, job.height)] * job.num_images
+            assert sizes == [(job.params.width, job.params.height)] * job.num_images
     totals = {s["request_id"]: s["total_steps"] for s in sink.of("started")}
     assert totals == {"wide": 2, "tall": 3, "wide2": 2}
 

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import inspect
 import io
+from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 from PIL import Image
 
+from imago.workers.contract.preview_methods import DEFAULT_PREVIEW_METHOD, PREVIEW_METHOD_NAMES
 from imago.workers.families.diffusion.previews import (
     LATENT_RGB_FACTORS,
+    PREVIEW_METHODS,
+    VAE,
     X0Capture,
     encode_image,
     latents_to_rgb,
     mime_type,
     predicted_x0,
+    preview_method,
     preview_size,
     x0_from_prediction,
 )
@@ -54,6 +59,55 @@ def test_latents_to_rgb_maps_zero_to_mid_grey_and_clips() -> None:
 def test_latents_to_rgb_rejects_a_batch() -> None:
     with pytest.raises(ValueError, match=r"\[4, h, w\]"):
         latents_to_rgb(torch.zeros(1, 4, 2, 2))
+
+
+def test_every_preview_method_the_api_names_has_a_registered_way_to_draw_it() -> None:
+    assert tuple(PREVIEW_METHODS) == PREVIEW_METHOD_NAMES
+    assert all(method.name == name for name, method in PREVIEW_METHODS.items())
+    assert PREVIEW_METHODS[DEFAULT_PREVIEW_METHOD].available({})  # every model runs it
+
+
+def test_latent_rgb_draws_the_projection_at_the_latents_size() -> None:
+    drawn = PREVIEW_METHODS["latent_rgb"].render(latent(3), {})
+    assert drawn.size == (5, 6)
+    assert drawn.tobytes() == latents_to_rgb(latent(3)[0]).tobytes()
+
+
+class FakeDecoder:
+    """Decodes anything to a mid-grey 4 x 2 image, keeping what it was given."""
+
+    dtype = torch.float32
+    config = SimpleNamespace(scaling_factor=0.25)
+
+    def __init__(self) -> None:
+        self.given: list[torch.Tensor] = []
+
+    def decode(self, latents: torch.Tensor) -> SimpleNamespace:
+        self.given.append(latents)
+        return SimpleNamespace(sample=torch.zeros(1, 3, 2, 4))
+
+
+@pytest.mark.parametrize(("name", "scale"), [("taesd", 1.0), ("full", 0.25)])
+def test_decoding_methods_draw_with_their_own_decoder(name: str, scale: float) -> None:
+    """TAESD takes latents at the UNet's scale; the VAE takes them unscaled."""
+    method = PREVIEW_METHODS[name]
+    mine, other = FakeDecoder(), FakeDecoder()
+    decoders = {method.decoder: mine, "unrelated": other}
+    drawn = method.render(latent(4), decoders)
+    assert (drawn.mode, drawn.size, drawn.getpixel((0, 0))) == ("RGB", (4, 2), (128, 128, 128))
+    (given,) = mine.given
+    torch.testing.assert_close(given, latent(4) / scale)
+    assert other.given == []
+
+
+def test_a_method_whose_decoder_is_not_loaded_is_unavailable() -> None:
+    taesd = PREVIEW_METHODS["taesd"]
+    assert not taesd.available({VAE: FakeDecoder()})
+    with pytest.raises(ValueError, match="no taesd preview decoder"):
+        taesd.render(latent(), {VAE: FakeDecoder()})
+    with pytest.raises(ValueError, match="unknown preview method 'sketch'"):
+        preview_method("sketch")
+    assert preview_method("full") is PREVIEW_METHODS["full"]
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])

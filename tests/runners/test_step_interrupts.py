@@ -19,7 +19,7 @@ from PIL import Image
 from test_diffusion_runner import RecordingSink, assert_same_images, make_job, run_alone
 
 from imago.workers.checkpoints import tiny
-from imago.workers.contract.protocol import InpaintJob
+from imago.workers.contract.jobs import InpaintJob
 from imago.workers.families.diffusion.runner import StableDiffusionRunner
 from imago.workers.families.diffusion.steps import interrupt_points
 from imago.workers.runtime.runner import Request

@@ -15,24 +15,27 @@ from imago.server.admission import (
     ModelLimits,
     default_max_pixels,
 )
-from imago.server.config import ServeConfig
-from imago.server.costs import REFERENCE_PIXELS, Cost, StepTimes, cost_of, fit
+from imago.server.config import ServeConfig, resolve_pixel_limits
+from imago.server.costs import StepTimes, fit
 from imago.server.errors import RequestError
-from imago.workers.contract.protocol import (
+from imago.workers.contract.jobs import (
+    REFERENCE_PIXELS,
     CaptionJob,
+    Cost,
+    DiffusionParams,
     EmbedImagesJob,
     ImageToImageJob,
     MatchJob,
     TextSettings,
     TextToImageJob,
 )
+from imago.workers.contract.presets import preset
 
 
 def image_job(size=512, images=1, steps=20, guidance=7.5, **more) -> TextToImageJob:
     kind = ImageToImageJob if "strength" in more else TextToImageJob
-    return kind(
-        "a fox", "", size, size, steps, guidance, 0, images, "PNG", 0, "JPEG", 256, **more
-    )  # fmt: skip
+    params = DiffusionParams(width=size, height=size, steps=steps, guidance_scale=guidance)
+    return kind("a fox", "", params, seed=0, num_images=images, **more)
 
 
 def text_job(tokens=30, beams=1, sequences=1) -> CaptionJob:
@@ -52,29 +55,29 @@ def measured(model: str, step_s_by_units: dict[float, float]) -> StepTimes:
 
 
 def test_an_image_step_costs_its_pixels_over_512_squared_twice_with_guidance():
-    cost = cost_of(image_job(size=1024, images=2, steps=30))
+    cost = image_job(size=1024, images=2, steps=30).cost()
     assert cost.step_units == 2 * (1024 * 1024 / REFERENCE_PIXELS) * 2
     assert cost.steps == 30 and cost.units == 30 * cost.step_units
     assert cost.pixels == 2 * 1024 * 1024
 
 
 def test_an_image_without_guidance_runs_one_pass_a_step():
-    assert cost_of(image_job(guidance=1.0)).step_units == 1.0
+    assert image_job(guidance=1.0).cost().step_units == 1.0
 
 
 def test_image_to_image_costs_only_the_steps_it_runs():
-    assert cost_of(image_job(steps=20, strength=0.5)).steps == 10
+    assert image_job(steps=20, strength=0.5).cost().steps == 10
 
 
 def test_text_costs_its_tokens_and_one_more_times_the_sequences_side_by_side():
-    cost = cost_of(text_job(tokens=30, beams=4, sequences=2))
+    cost = text_job(tokens=30, beams=4, sequences=2).cost()
     assert (cost.steps, cost.step_units, cost.pixels) == (31, 4, 0)
 
 
 def test_alignment_costs_its_inputs_and_the_pairs_it_scores():
-    assert cost_of(EmbedImagesJob(images=3)).units == 3
-    assert cost_of(MatchJob(images=2, texts=("a", "b", "c"))).units == 5
-    assert cost_of(MatchJob(images=2, texts=("a", "b", "c"), image_text_matching=True)).units == 11
+    assert EmbedImagesJob(images=3).cost().units == 3
+    assert MatchJob(images=2, texts=("a", "b", "c")).cost().units == 5
+    assert MatchJob(images=2, texts=("a", "b", "c"), image_text_matching=True).cost().units == 11
 
 
 # ------------------------------------------------------------------ step times
@@ -173,23 +176,23 @@ def test_the_pixel_bound_defaults_to_the_cpus_when_a_worker_is_on_a_cpu():
 
 
 def test_max_pixels_entries_apply_to_stable_diffusion_models_only():
-    config = ServeConfig(max_pixels=("sd-tiny=1000000",))
-    assert config.pixel_limits(default=5) == {"sd-tiny": 1_000_000}
-    assert ServeConfig().pixel_limits(default=5) == {"sd-tiny": 5}
+    models = preset("tiny")
+    assert resolve_pixel_limits(("sd-tiny=1000000",), models, default=5) == {"sd-tiny": 1_000_000}
+    assert resolve_pixel_limits((), models, default=5) == {"sd-tiny": 5}
     with pytest.raises(ValueError, match="unknown model 'blip2-tiny'"):
-        ServeConfig(max_pixels=("blip2-tiny=1000000",)).pixel_limits(default=5)
+        resolve_pixel_limits(("blip2-tiny=1000000",), models, default=5)
     with pytest.raises(ValueError, match="N >= 4096"):
-        ServeConfig(max_pixels=("100",)).pixel_limits(default=5)
+        resolve_pixel_limits(("100",), models, default=5)
 
 
 def test_model_weights_default_to_one_and_must_be_positive():
-    assert ServeConfig(model_weights=("sd-tiny=0.5",)).weights() == {
+    assert ServeConfig(model_weights=("sd-tiny=0.5",)).resolve().weights == {
         "blip2-tiny": 1.0,
         "sd-tiny": 0.5,
         "blip2-itm-tiny": 1.0,
     }
     with pytest.raises(ValueError, match="W > 0"):
-        ServeConfig(model_weights=("0",)).weights()
+        ServeConfig(model_weights=("0",)).resolve()
 
 
 @pytest.mark.parametrize(

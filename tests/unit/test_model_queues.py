@@ -10,15 +10,15 @@ import pytest
 
 from imago.server.errors import RequestError
 from imago.server.scheduler import RECENT_S, QueuePosition, Scheduler, Ticket
-from imago.workers.contract.presets import BatchPolicy
-from imago.workers.contract.protocol import (
+from imago.workers.contract.jobs import (
     CaptionJob,
-    Failed,
+    DiffusionParams,
     TextSettings,
     TextToImageJob,
     VqaJob,
-    WorkItem,
 )
+from imago.workers.contract.presets import BatchPolicy
+from imago.workers.contract.protocol import Failed, WorkItem
 
 SETTINGS = TextSettings(30, 0, 1, False, 1.0, 1.0, 50, 1.0, 1, 1.0, 0)
 SAMPLED = TextSettings(30, 0, 1, True, 1.0, 1.0, 50, 1.0, 1, 1.0, 0)
@@ -55,10 +55,8 @@ def ticket(request_id: str, model: str = "blip2", job=None, deadline=None) -> Ti
 def image_job(
     size: int = 64, num_images: int = 1, seed: int = 0, scheduler: str = "", loras=()
 ) -> TextToImageJob:
-    return TextToImageJob(
-        "a fox", "", size, size, 4, 7.5, seed, num_images, "PNG", 0, "JPEG", 256, scheduler,
-        loras=loras,
-    )  # fmt: skip
+    params = DiffusionParams(size, size, 4, 7.5, scheduler=scheduler, loras=loras)
+    return TextToImageJob("a fox", "", params, seed=seed, num_images=num_images)
 
 
 def batching(max_batch_size: int = 8, max_batch_delay_ms: float = 0.0) -> Scheduler:

@@ -8,16 +8,14 @@ from conftest import png_bytes
 
 from imago.server.config import Limits
 from imago.server.errors import RequestError
-from imago.server.validation import (
+from imago.server.image_jobs import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
-    caption_job,
     generate_job,
     image_to_image_job,
-    text_settings,
     text_to_image_job,
-    vqa_job,
 )
+from imago.server.validation import caption_job, text_settings, vqa_job
 from imago.v1 import caption_pb2, common_pb2, imagegen_pb2, vqa_pb2
 from imago.workers.contract.protocol import ModelInfo
 
@@ -35,6 +33,11 @@ def rejected(call, *args) -> RequestError:
     with pytest.raises(RequestError) as caught:
         call(*args)
     return caught.value
+
+
+def text_to_image(request: imagegen_pb2.GenerateRequest, model: ModelInfo = SD):
+    job, _ = text_to_image_job(request, model, LIMITS)
+    return job
 
 
 def test_unset_generation_settings_take_the_defaults():
@@ -81,30 +84,31 @@ def test_several_sampled_sequences_need_no_beams():
 
 
 def test_empty_question_is_rejected():
-    error = rejected(vqa_job, vqa_pb2.AskRequest(question="   "), LIMITS)
+    error = rejected(vqa_job, vqa_pb2.AskRequest(question="   "), None, LIMITS)
     assert error.field == "question"
 
 
 def test_question_is_stripped_and_kept():
-    job = vqa_job(vqa_pb2.AskRequest(question="  what colour?  "), LIMITS)
+    image = common_pb2.Image(data=png_bytes())
+    job, _ = vqa_job(vqa_pb2.AskRequest(question="  what colour?  ", image=image), None, LIMITS)
     assert job.question == "what colour?"
 
 
 def test_overlong_prefix_is_rejected():
     request = caption_pb2.CaptionRequest(prefix="x" * (LIMITS.max_prompt_chars + 1))
-    assert rejected(caption_job, request, LIMITS).field == "prefix"
+    assert rejected(caption_job, request, None, LIMITS).field == "prefix"
 
 
 def test_generate_defaults_come_from_the_model_and_the_server():
-    job = text_to_image_job(generate(), SD, LIMITS)
-    assert (job.width, job.height) == (64, 64)
-    assert job.steps == DEFAULT_STEPS
-    assert job.guidance_scale == DEFAULT_GUIDANCE
-    assert (job.num_images, job.output_format, job.preview_every) == (1, "PNG", 0)
+    job = text_to_image(generate())
+    assert (job.params.width, job.params.height) == (64, 64)
+    assert job.params.steps == DEFAULT_STEPS
+    assert job.params.guidance_scale == DEFAULT_GUIDANCE
+    assert (job.num_images, job.output.format, job.preview.every) == (1, "PNG", 0)
 
 
 def test_explicit_zero_guidance_is_kept():
-    assert text_to_image_job(generate(guidance_scale=0.0), SD, LIMITS).guidance_scale == 0.0
+    assert text_to_image(generate(guidance_scale=0.0)).params.guidance_scale == 0.0
 
 
 @pytest.mark.parametrize(
@@ -148,7 +152,7 @@ def inpaint(image_size=(100, 70), mask_size=(100, 70), **task) -> imagegen_pb2.G
 
 def test_inpaint_takes_the_images_size_full_strength_and_both_images():
     job, images = generate_job(inpaint(mask_size=(20, 20)), SD, LIMITS)
-    assert (job.width, job.height, job.strength, job.steps_run) == (96, 64, 1.0, 30)
+    assert (job.params.width, job.params.height, job.strength, job.steps_run) == (96, 64, 1.0, 30)
     assert len(images) == 2
 
 
@@ -173,20 +177,20 @@ def img2img(size=(100, 70), **task) -> imagegen_pb2.GenerateRequest:
 
 def test_image_to_image_takes_the_init_images_size_and_default_strength():
     job, (init,) = image_to_image_job(img2img(size=(100, 70)), SD, LIMITS)
-    assert (job.width, job.height, job.strength) == (96, 64, 0.8)
+    assert (job.params.width, job.params.height, job.strength) == (96, 64, 0.8)
     assert job.steps_run == 24  # 30 steps x 0.8
     assert init.startswith(b"\x89PNG")
     request = img2img(strength=0.5)
     request.width, request.height, request.steps = 128, 64, 10
     job, _ = image_to_image_job(request, SD, LIMITS)
-    assert (job.width, job.height, job.steps_run) == (128, 64, 5)
+    assert (job.params.width, job.params.height, job.steps_run) == (128, 64, 5)
 
 
 def test_float_fields_mean_the_decimal_the_client_wrote():
     request = img2img(strength=0.7)
     request.steps, request.guidance_scale = 10, 7.3
     job, _ = image_to_image_job(request, SD, LIMITS)
-    assert (job.strength, job.steps_run, job.guidance_scale) == (0.7, 7, 7.3)
+    assert (job.strength, job.steps_run, job.params.guidance_scale) == (0.7, 7, 7.3)
 
 
 @pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan")])
@@ -222,8 +226,8 @@ def test_a_style_image_without_an_ip_adapter_is_a_failed_precondition():
 
 
 def test_a_named_scheduler_is_kept_and_an_unknown_one_names_the_field():
-    assert text_to_image_job(generate(scheduler="unipc"), SD, LIMITS).scheduler == "unipc"
-    assert text_to_image_job(generate(), SD, LIMITS).scheduler == ""
+    assert text_to_image(generate(scheduler="unipc")).params.scheduler == "unipc"
+    assert text_to_image(generate()).params.scheduler == ""
     error = rejected(text_to_image_job, generate(scheduler="../euler"), SD, LIMITS)
     assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "scheduler")
     assert "dpmpp_2m_karras" in error.message
@@ -237,5 +241,5 @@ def test_a_preview_method_the_model_lacks_fails_its_precondition():
     assert (error.code, error.field) == (grpc.StatusCode.FAILED_PRECONDITION, "previews.method")
     with_taesd = ModelInfo(name="sd", family="stable-diffusion", source="x", default_size=64,
                            preview_methods=["full", "taesd"])  # fmt: skip
-    assert text_to_image_job(request, with_taesd, LIMITS).preview_method == "taesd"
-    assert text_to_image_job(generate(), SD, LIMITS).preview_method == "latent_rgb"
+    assert text_to_image(request, with_taesd).preview.method == "taesd"
+    assert text_to_image(generate()).preview.method == "latent_rgb"

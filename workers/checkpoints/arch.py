@@ -29,11 +29,13 @@ sources are not served: their models are handed to the runners' constructors
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from imago.workers.contract.families import arch_builders, import_object
 
 if TYPE_CHECKING:
     from diffusers import (
@@ -368,18 +370,20 @@ def build_taesd(
         return AutoencoderTiny().eval()
 
 
-#: What each ``arch:<kind>`` source builds, from (device, dtype, seed). The
-#: tokenizer and scheduler have no weights and ignore all three.
-SOURCES: dict[str, Callable[[str | torch.device, torch.dtype | None, int], Any]] = {
-    "blip2-opt-2.7b": build_blip2,
-    "sd15": build_sd15_pipeline,
-    "sd15-unet": build_sd15_unet,
-    "sd15-vae": build_sd15_vae,
-    "sd15-text-encoder": build_sd15_text_encoder,
-    "sd15-tokenizer": lambda device, dtype, seed: sd15_tokenizer(),
-    "sd15-scheduler": lambda device, dtype, seed: sd15_scheduler(),
-    "taesd": build_taesd,
-}
+def build_sd15_tokenizer(
+    device: str | torch.device = "cuda", dtype: torch.dtype | None = None, seed: int = 0
+) -> CLIPTokenizer:
+    """:func:`sd15_tokenizer` as an ``arch:`` builder: it has no weights, so
+    ``device``, ``dtype`` and ``seed`` change nothing."""
+    return sd15_tokenizer()
+
+
+def build_sd15_scheduler(
+    device: str | torch.device = "cuda", dtype: torch.dtype | None = None, seed: int = 0
+) -> PNDMScheduler:
+    """:func:`sd15_scheduler` as an ``arch:`` builder: it has no weights, so
+    ``device``, ``dtype`` and ``seed`` change nothing."""
+    return sd15_scheduler()
 
 
 def is_arch(source: str) -> bool:
@@ -393,11 +397,14 @@ def build(
     dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> Any:
-    """Build the ``arch:<kind>`` source ``source`` (see :data:`SOURCES`) on
-    ``device``; ValueError listing the known kinds otherwise. The same seed
-    gives the same weights on the same kind of device."""
+    """Build the ``arch:<kind>`` source ``source`` on ``device``; ValueError
+    listing the known kinds otherwise. Each family names its kinds and their
+    builders (functions of device, dtype and seed) in its registry entry's
+    ``arch_builders``. The same seed gives the same weights on the same kind
+    of device."""
     kind = source.removeprefix(PREFIX)
-    if not is_arch(source) or kind not in SOURCES:
-        known = ", ".join(PREFIX + name for name in sorted(SOURCES))
+    builders = arch_builders()
+    if not is_arch(source) or kind not in builders:
+        known = ", ".join(PREFIX + name for name in sorted(builders))
         raise ValueError(f"unknown architecture source {source!r}; known: {known}")
-    return SOURCES[kind](device, dtype, seed)
+    return import_object(builders[kind])(device, dtype, seed)

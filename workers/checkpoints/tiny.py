@@ -15,25 +15,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from imago.workers.contract.families import import_object, tiny_builders
+
 # Bump when a builder changes, so stale caches are rebuilt rather than reused.
 TINY_VERSION = "1"
-
-
-def _builders() -> dict[str, Callable[[Path], None]]:
-    from imago.workers.checkpoints import align as tiny_align
-    from imago.workers.checkpoints import blip2 as tiny_blip2
-    from imago.workers.checkpoints import diffusion as tiny_sd
-
-    return {
-        "blip2": tiny_blip2.build,
-        "blip2-legacy": tiny_blip2.build_legacy,
-        "blip2-itm": tiny_align.build,
-        "blip2-itc": tiny_align.build_without_itm,
-        "stable-diffusion": tiny_sd.build,
-        "stable-diffusion-inpaint": tiny_sd.build_inpaint,
-        "taesd": tiny_sd.build_taesd,
-        "ip-adapter": tiny_sd.build_ip_adapter,
-    }
 
 
 def cache_dir() -> Path:
@@ -42,9 +27,11 @@ def cache_dir() -> Path:
 
 def ensure(kind: str, root: Path | None = None) -> Path:
     """Directory of the tiny checkpoint ``kind``, building it on first use."""
-    builders = _builders()
+    # Each family names the tiny kinds it provides, and their builders by import path.
+    builders = tiny_builders()
     if kind not in builders:
         raise ValueError(f"unknown tiny model {kind!r}; known: {', '.join(sorted(builders))}")
+    build: Callable[[Path], None] = import_object(builders[kind])
     root = root or cache_dir()
     target = root / f"tiny-{kind}-v{TINY_VERSION}"
     root.mkdir(parents=True, exist_ok=True)
@@ -54,7 +41,7 @@ def ensure(kind: str, root: Path | None = None) -> Path:
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
-        builders[kind](staging)
+        build(staging)
         (staging / ".complete").touch()
         staging.rename(target)
     return target

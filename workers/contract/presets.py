@@ -16,58 +16,22 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-BLIP2 = "blip2"
-STABLE_DIFFUSION = "stable-diffusion"
-#: BLIP-2 retrieval models (Blip2ForImageTextRetrieval): embeddings, ITC, ITM.
-BLIP2_ALIGN = "blip2-align"
-#: Roles among a Stable Diffusion model's extras: a dedicated inpainting
-#: checkpoint, and a tiny autoencoder (TAESD) for previews.
-INPAINT = "inpaint"
-TAESD = "taesd"
-#: Role of a directory of LoRA adapters among a Stable Diffusion model's extras.
-LORAS = "loras"
-#: Role of an IP-Adapter directory (image_encoder/ and one .safetensors file).
-IP_ADAPTER = "ip_adapter"
-#: Role of a directory of peft adapter folders among a BLIP-2 model's extras.
-CAPTION_ADAPTERS = "adapters"
-#: The family each extra role belongs to.
-ROLE_FAMILIES: dict[str, str] = {
-    INPAINT: STABLE_DIFFUSION,
-    TAESD: STABLE_DIFFUSION,
-    LORAS: STABLE_DIFFUSION,
-    IP_ADAPTER: STABLE_DIFFUSION,
-    CAPTION_ADAPTERS: BLIP2,
-}
+# The family names and BatchPolicy are also imported from here by the code
+# that reads presets; the registry itself is imago.workers.contract.families.
+from imago.workers.contract.families import (
+    BLIP2,
+    BLIP2_ALIGN,
+    FAMILIES,
+    INPAINT,
+    STABLE_DIFFUSION,
+    TAESD,
+    BatchPolicy,
+    family,
+    role_owner,
+)
 
-#: Services each family answers.
-FAMILY_SERVICES: dict[str, tuple[str, ...]] = {
-    BLIP2: ("imago.v1.CaptionService", "imago.v1.VqaService"),
-    STABLE_DIFFUSION: ("imago.v1.ImageGenService",),
-    BLIP2_ALIGN: ("imago.v1.AlignService",),
-}
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    """How the scheduler batches one model's requests.
-
-    ``max_batch_size`` bounds a batch (in requests for text models, in images
-    for image models). ``max_batch_delay_ms`` is the longest the oldest
-    waiting request is held back for companions; 0 never waits and batches
-    only what queued up while the workers were busy.
-    """
-
-    max_batch_size: int
-    max_batch_delay_ms: float
-
-
-#: Batching of each family unless the server is told otherwise.
-FAMILY_BATCHING: dict[str, BatchPolicy] = {
-    BLIP2: BatchPolicy(max_batch_size=32, max_batch_delay_ms=20.0),
-    STABLE_DIFFUSION: BatchPolicy(max_batch_size=4, max_batch_delay_ms=20.0),
-    # Counted in images and texts: one vision pass of 64 images at most.
-    BLIP2_ALIGN: BatchPolicy(max_batch_size=64, max_batch_delay_ms=20.0),
-}
+#: The default batch policy of each family, read from the registry.
+FAMILY_BATCHING: dict[str, BatchPolicy] = {name: info.batching for name, info in FAMILIES.items()}
 
 
 #: Precisions by name; "auto" is float16 on CUDA and float32 elsewhere.
@@ -135,7 +99,7 @@ class ModelSpec:
 
     @property
     def batch_policy(self) -> BatchPolicy:
-        return self.batching or FAMILY_BATCHING[self.family]
+        return self.batching or family(self.family).batching
 
 
 _BLIP2_ARCH = ModelSpec("blip2-opt-2.7b-arch", BLIP2, "arch:blip2-opt-2.7b")
@@ -183,7 +147,7 @@ def preset(name: str) -> tuple[ModelSpec, ...]:
 def model_for_service(models: tuple[ModelSpec, ...], service: str) -> ModelSpec | None:
     """The model that answers ``service`` (full gRPC service name), if any."""
     for spec in models:
-        if service in FAMILY_SERVICES[spec.family]:
+        if service in family(spec.family).services:
             return spec
     return None
 
@@ -248,35 +212,32 @@ def with_batching(
 def with_overrides(
     models: tuple[ModelSpec, ...], overrides: tuple[str, ...]
 ) -> tuple[ModelSpec, ...]:
-    """``models`` with each "family=source" override replacing (or adding) the
+    """``models`` with each "FAMILY=SOURCE" override replacing (or adding) the
     model of that family. The model is named after the source's last part.
 
-    "inpaint=SOURCE" gives the Stable Diffusion model a dedicated inpainting
-    checkpoint instead; "inpaint=" takes it away (generic inpainting).
-    "taesd=SOURCE" and "taesd=" do the same for its preview autoencoder, and
-    "loras=DIR" and "loras=" for its directory of LoRA adapters, and
-    "ip_adapter=DIR" and "ip_adapter=" for the IP-Adapter that restyles by a
-    style image. "adapters=DIR" and "adapters=" do the same for the BLIP-2
-    model's directory of adapter folders."""
+    "ROLE=SOURCE", where ROLE is an extra role of a family (its
+    :class:`~imago.workers.contract.families.ExtraRole`: inpaint, taesd,
+    loras and ip_adapter for Stable Diffusion, adapters for BLIP-2), gives
+    that family's model SOURCE in that role instead of its own; "ROLE=" takes
+    it away ("inpaint=": generic inpainting on the base UNet). ValueError for
+    a malformed override, an unknown family, or a role whose family has no
+    model here."""
     chosen = {spec.family: spec for spec in models}
     for override in overrides:
-        family, sep, source = override.partition("=")
-        if family in ROLE_FAMILIES and sep:
-            owner = ROLE_FAMILIES[family]
-            if owner not in chosen:
-                title = {STABLE_DIFFUSION: "Stable Diffusion", BLIP2: "BLIP-2"}[owner]
-                raise ValueError(f"{override!r}: there is no {title} model to give it")
-            spec = chosen[owner]
-            extras = tuple((role, extra) for role, extra in spec.extras if role != family)
+        name, sep, source = override.partition("=")
+        owner = role_owner(name)
+        if owner is not None and sep:
+            if owner.name not in chosen:
+                raise ValueError(f"{override!r}: there is no {owner.title} model to give it")
+            spec = chosen[owner.name]
+            extras = tuple((role, extra) for role, extra in spec.extras if role != name)
             if source:
-                extras += ((family, source),)
-            chosen[owner] = replace(spec, extras=extras)
+                extras += ((name, source),)
+            chosen[owner.name] = replace(spec, extras=extras)
             continue
         if not sep or not source:
             raise ValueError(f"model override {override!r} is not FAMILY=SOURCE")
-        if family not in FAMILY_SERVICES:
-            known = ", ".join(sorted(FAMILY_SERVICES))
-            raise ValueError(f"unknown model family {family!r}; known families: {known}")
-        name = source.rstrip("/").rsplit("/", 1)[-1].replace(":", "-")
-        chosen[family] = ModelSpec(name, family, source)
+        family(name)  # ValueError listing the known families for an unknown one
+        model = source.rstrip("/").rsplit("/", 1)[-1].replace(":", "-")
+        chosen[name] = ModelSpec(model, name, source)
     return tuple(chosen.values())

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from imago.workers.contract.families import families_with_option, family
 from imago.workers.contract.presets import (
     ATTENTIONS,
     COMPILE_MODES,
     DTYPES,
-    STABLE_DIFFUSION,
     ModelSpec,
     split_entry,
 )
@@ -35,14 +35,15 @@ class SettingEntries:
     vae_tiling: tuple[str, ...] = ()
 
 
-#: Each option's choices, and the families it applies to (None: every family).
-_OPTIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
-    "dtype": (DTYPES, None),
-    "attention": (ATTENTIONS, None),
-    "channels_last": (SWITCHES, STABLE_DIFFUSION),
-    "compile": (COMPILE_MODES, STABLE_DIFFUSION),
-    "vae_slicing": (SWITCHES, STABLE_DIFFUSION),
-    "vae_tiling": (SWITCHES, STABLE_DIFFUSION),
+#: Each option's choices. Which families an option applies to is each
+#: family's ``device_options`` in :mod:`imago.workers.contract.families`.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": DTYPES,
+    "attention": ATTENTIONS,
+    "channels_last": SWITCHES,
+    "compile": COMPILE_MODES,
+    "vae_slicing": SWITCHES,
+    "vae_tiling": SWITCHES,
 }
 
 
@@ -64,9 +65,10 @@ def with_device_settings(
     names = [spec.name for spec in models]
     families = {spec.name: spec.family for spec in models}
     changes: dict[str, dict[str, object]] = {name: {} for name in names}
-    for field, (choices, family) in _OPTIONS.items():
+    for field, choices in _CHOICES.items():
         option = option_name(field)
-        applies = [name for name in names if family is None or families[name] == family]
+        owners = families_with_option(field)
+        applies = [name for name in names if families[name] in owners]
         for entry in getattr(entries, field):
             model, value = split_entry(entry, names, option)
             if value not in choices:
@@ -76,14 +78,19 @@ def with_device_settings(
             if model and model not in applies:
                 raise ValueError(
                     f"{option} {entry!r}: {model} is a {families[model]} model; "
-                    f"{option} applies to {family} models only"
+                    f"{option} applies to {' and '.join(owners)} models only"
                 )
             for name in [model] if model else applies:
                 changes[name][field] = value == "on" if choices is SWITCHES else value
     changed = []
     for spec in models:
         settings = replace(spec.settings, **changes[spec.name])
-        roles = [role for role, _ in spec.extras if role in ("loras", "ip_adapter")]
+        owner = family(spec.family)
+        roles = [
+            role
+            for role, _ in spec.extras
+            if (extra := owner.role(role)) is not None and extra.changes_compiled_model
+        ]
         if settings.compile != "off" and roles:
             raise ValueError(
                 f"--compile: {spec.name} also serves {' and '.join(roles)}, which change its "

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from imago.workers.contract.presets import ModelSpec
+from imago.workers.contract.preview_methods import DEFAULT_PREVIEW_METHOD, PREVIEW_METHOD_NAMES
 from imago.workers.families.diffusion.previews import encode_image
 
 T = TypeVar("T")
@@ -135,11 +136,11 @@ def load_direct(
     runners = load_runners(list(specs), device, cache_dir)
     image_runner, text_runner = runners[sd.name], runners[blip2.name]
     image_runner.pipe.set_progress_bar_config(disable=True)
-    methods = ["latent_rgb", *image_runner.info().preview_methods]
+    methods = [DEFAULT_PREVIEW_METHOD, *image_runner.info().preview_methods]
     return DirectModels(
         device=device,
         pipe=image_runner.pipe,
-        preview_methods=[m for m in ("latent_rgb", "taesd", "full") if m in methods],
+        preview_methods=[m for m in PREVIEW_METHOD_NAMES if m in methods],
         model=text_runner.model,
         processor=text_runner.processor,
         pixel_dtype=text_runner.pixel_dtype,

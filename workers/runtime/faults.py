@@ -2,11 +2,11 @@
 
 Off by default. A worker started with ``IMAGO_INJECT_FAULTS=1`` in its
 environment (the server's environment is inherited) looks in every request it
-runs for the marker ``__imago_fault__:KIND``, in any of the request's texts:
-caption prefix, question, prompt, negative prompt or alignment texts. A marked
-request makes the worker misbehave the first time its runner checks it for
-cancellation after reporting it started, that is inside the model call, where
-real faults happen:
+runs for the marker ``__imago_fault__:KIND``, in any of the request's texts
+(its job's ``texts``: caption prefix, question, prompt, negative prompt or
+alignment texts). A marked request makes the worker misbehave the first time
+its runner checks it for cancellation after reporting it started, that is
+inside the model call, where real faults happen:
 
 ``oom``
     raise ``torch.cuda.OutOfMemoryError`` (as an accelerator running out of memory)
@@ -28,14 +28,7 @@ import re
 import time
 from collections.abc import Mapping
 
-from imago.workers.contract.protocol import (
-    CaptionJob,
-    EmbedTextsJob,
-    Job,
-    MatchJob,
-    TextToImageJob,
-    VqaJob,
-)
+from imago.workers.contract.jobs import Job
 
 #: Environment variable that enables fault injection when it is "1".
 ENV = "IMAGO_INJECT_FAULTS"
@@ -52,21 +45,9 @@ def enabled(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get(ENV) == "1"
 
 
-def _texts(job: Job) -> tuple[str, ...]:
-    if isinstance(job, CaptionJob):
-        return (job.prefix,)
-    if isinstance(job, VqaJob):
-        return (job.question,)
-    if isinstance(job, TextToImageJob):
-        return (job.prompt, job.negative_prompt)
-    if isinstance(job, EmbedTextsJob | MatchJob):
-        return job.texts
-    return ()
-
-
 def fault_of(job: Job) -> str | None:
     """The fault ``job`` asks for with a marker, or None."""
-    for text in _texts(job):
+    for text in job.texts:
         for kind in _KIND.findall(text):
             if kind in KINDS:
                 return kind

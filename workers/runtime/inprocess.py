@@ -17,8 +17,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from imago.workers.contract.presets import model_for_service, preset
-from imago.workers.contract.protocol import ArrayMeta, GeneratedText, ImageMeta
-from imago.workers.runtime.runner import EventSink, Request, Runner, run_to_the_end
+from imago.workers.contract.protocol import (
+    ArraysResult,
+    ImageResult,
+    Outcome,
+    Preview,
+    Progress,
+    TextResult,
+)
+from imago.workers.runtime.runner import Event, EventSink, Request, Runner, run_to_the_end
 
 
 @dataclass
@@ -52,9 +59,9 @@ class CollectingSink(EventSink):
     """An EventSink that records what a runner reports, per request id.
 
     Nothing is ever cancelled. ``results`` holds one :class:`DirectResult`
-    per request id seen; a request is finished once a result or a failure
-    was reported for it (see :attr:`finished`), at ``finished_at[id]``
-    (``time.perf_counter``; the first report counts).
+    per request id seen; a request is finished once an outcome (a result or
+    a failure) was reported for it (see :attr:`finished`), at
+    ``finished_at[id]`` (``time.perf_counter``; the first outcome counts).
     """
 
     def __init__(self) -> None:
@@ -62,60 +69,25 @@ class CollectingSink(EventSink):
         self.finished: set[str] = set()
         self.finished_at: dict[str, float] = {}
 
-    def _result(self, request_id: str) -> DirectResult:
-        return self.results.setdefault(request_id, DirectResult(request_id))
-
-    def _finish(self, request_id: str) -> DirectResult:
-        self.finished.add(request_id)
-        self.finished_at.setdefault(request_id, time.perf_counter())
-        return self._result(request_id)
-
-    def started(self, request_id: str, total_steps: int = 0) -> None:
-        self._result(request_id)
-
-    def progress(
-        self, request_id: str, step: int, total_steps: int, elapsed_seconds: float
-    ) -> None:
-        self._result(request_id).steps = step
-
-    def preview(
-        self,
-        request_id: str,
-        step: int,
-        image_index: int,
-        data: bytes,
-        mime_type: str,
-        width: int,
-        height: int,
-    ) -> None:
-        self._result(request_id).previews += 1
-
-    def text_result(
-        self,
-        request_id: str,
-        texts: list[GeneratedText],
-        seed: int,
-        inference_seconds: float,
-    ) -> None:
-        self._finish(request_id).texts = [t.text for t in texts]
-
-    def image_result(
-        self,
-        request_id: str,
-        images: list[tuple[ImageMeta, bytes]],
-        warnings: list[str],
-        inference_seconds: float,
-    ) -> None:
-        self._finish(request_id).images = [data for _, data in images]
-
-    def arrays_result(
-        self, request_id: str, arrays: list[tuple[ArrayMeta, bytes]], inference_seconds: float
-    ) -> None:
-        self._finish(request_id).arrays = {meta.name: (meta.shape, data) for meta, data in arrays}
-
-    def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
-        result = self._finish(request_id)
-        result.code, result.message = code, message
+    def emit(self, event: Event, frames: Sequence[bytes] = ()) -> None:
+        request_id = event.request_id
+        result = self.results.setdefault(request_id, DirectResult(request_id))
+        if isinstance(event, Progress):
+            result.steps = event.step
+        elif isinstance(event, Preview):
+            result.previews += 1
+        elif isinstance(event, Outcome):
+            self.finished.add(request_id)
+            self.finished_at.setdefault(request_id, time.perf_counter())
+            if isinstance(event, TextResult):
+                result.texts = [text.text for text in event.texts]
+            elif isinstance(event, ImageResult):
+                result.images = list(frames)
+            elif isinstance(event, ArraysResult):
+                pairs = zip(event.arrays, frames, strict=True)
+                result.arrays = {meta.name: (meta.shape, data) for meta, data in pairs}
+            else:
+                result.code, result.message = event.code, event.message
 
     def is_cancelled(self, request_id: str) -> bool:
         return False

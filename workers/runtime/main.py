@@ -20,7 +20,6 @@ Test-only fault injection (off by default) is described in
 from __future__ import annotations
 
 import ctypes
-import importlib
 import logging
 import os
 import resource
@@ -29,46 +28,42 @@ import sys
 import time
 import traceback
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import msgspec
 import zmq
 
 from imago.workers.contract.logs import configure_logging
 from imago.workers.contract.presets import ModelSpec
 from imago.workers.contract.protocol import (
     AdaptersReloaded,
-    ArrayMeta,
-    ArraysResult,
     BatchDone,
     Cancel,
     Failed,
-    GeneratedText,
     Heartbeat,
-    ImageMeta,
-    ImageResult,
     LoadFailed,
-    Preview,
-    Progress,
+    Outcome,
     Ready,
     ReloadAdapters,
     RunBatch,
     Shutdown,
     Started,
-    TextResult,
     encode,
     to_worker_decoder,
 )
+from imago.workers.contract.worker_config import WorkerConfig
 from imago.workers.runtime import faults
+from imago.workers.runtime.runner import (
+    Event,
+    Request,
+    frame_count,
+    free_memory,
+    run_to_the_end,
+)
 
 log = logging.getLogger("imago.worker")
-
-#: Runner class for each model family, as "module:Class".
-FAMILIES = {
-    "blip2": "imago.workers.families.blip2.runner:Blip2Runner",
-    "stable-diffusion": "imago.workers.families.diffusion.runner:StableDiffusionRunner",
-    "blip2-align": "imago.workers.families.align.runner:Blip2AlignRunner",
-}
 
 # How often an idle worker sends a heartbeat and checks that the frontend is
 # still alive, in ms.
@@ -98,7 +93,7 @@ class WorkerChannel:
         self._drained_at = 0.0
         self._sent_at = 0.0
 
-    def send(self, message, frames: list[bytes] = ()) -> None:
+    def send(self, message: msgspec.Struct, frames: Sequence[bytes] = ()) -> None:
         self._socket.send_multipart([encode(message), *frames], copy=False)
         self._sent_at = time.monotonic()
 
@@ -141,54 +136,26 @@ class WorkerChannel:
         self.beat(HEARTBEAT_S)
         return self.shutting_down or request_id in self.cancelled
 
-    def started(self, request_id: str, total_steps: int = 0) -> None:
-        if request_id in self.faults:
-            self._armed[request_id] = self.faults.pop(request_id)
-        self.send(Started(request_id, total_steps))
-
-    def progress(self, request_id: str, step: int, total_steps: int, elapsed: float) -> None:
-        self.send(Progress(request_id, step, total_steps, elapsed))
-
-    def preview(self, request_id, step, image_index, data, mime_type, width, height) -> None:
-        self.send(Preview(request_id, step, image_index, mime_type, width, height), [data])
-
-    def text_result(
-        self,
-        request_id: str,
-        texts: list[GeneratedText],
-        seed: int,
-        inference_seconds: float,
-        tokens: int | None = None,
-    ) -> None:
-        self.finished.add(request_id)
-        if tokens is None:
-            tokens = sum(text.tokens for text in texts)
-        self.send(TextResult(request_id, texts, seed, inference_seconds, tokens))
-
-    def image_result(
-        self,
-        request_id: str,
-        images: list[tuple[ImageMeta, bytes]],
-        warnings: list[str],
-        inference_seconds: float,
-    ) -> None:
-        self.finished.add(request_id)
-        metas = [meta for meta, _ in images]
-        self.send(
-            ImageResult(request_id, metas, warnings, inference_seconds), [d for _, d in images]
-        )
-
-    def arrays_result(
-        self, request_id: str, arrays: list[tuple[ArrayMeta, bytes]], inference_seconds: float
-    ) -> None:
-        self.finished.add(request_id)
-        metas = [meta for meta, _ in arrays]
-        self.send(ArraysResult(request_id, metas, inference_seconds), [d for _, d in arrays])
-
-    def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
-        self.finished.add(request_id)
-        self.exhausted = self.exhausted or code == "RESOURCE_EXHAUSTED"
-        self.send(Failed(request_id, code, message, field))
+    def emit(self, event: Event, frames: Sequence[bytes] = ()) -> None:
+        """Send ``event`` and its ``frames`` to the frontend, and keep the
+        batch's books: an outcome marks its request ``finished`` (and a
+        RESOURCE_EXHAUSTED failure the batch ``exhausted``); a Started arms
+        the request's injected fault, if it has one. ValueError when the
+        frames do not match the event (see ``frame_count``)."""
+        expected = frame_count(event)
+        if len(frames) != expected:
+            # The frontend pairs frames with entries by position: a mismatch
+            # would hand one request's bytes to another.
+            raise ValueError(f"{type(event).__name__} takes {expected} frames, got {len(frames)}")
+        request_id = event.request_id
+        if isinstance(event, Started):
+            if request_id in self.faults:
+                self._armed[request_id] = self.faults.pop(request_id)
+        elif isinstance(event, Outcome):
+            self.finished.add(request_id)
+            if isinstance(event, Failed) and event.code == "RESOURCE_EXHAUSTED":
+                self.exhausted = True
+        self.send(event, frames)
 
 
 def memory_usage() -> tuple[int, int, int, int]:
@@ -222,6 +189,7 @@ def load_runners(specs: list[ModelSpec], device: str, cache_dir: str | None) -> 
     could not be loaded."""
     from imago.workers.checkpoints import arch, tiny
     from imago.workers.runtime.device_setup import device_memory_bytes, dtype_name
+    from imago.workers.runtime.registry import load_runner_class
 
     root = Path(cache_dir) if cache_dir else None
 
@@ -231,8 +199,7 @@ def load_runners(specs: list[ModelSpec], device: str, cache_dir: str | None) -> 
 
     runners = {}
     for spec in specs:
-        module_name, class_name = FAMILIES[spec.family].split(":")
-        runner_class = getattr(importlib.import_module(module_name), class_name)
+        runner_class = load_runner_class(spec.family)
         started, before = time.monotonic(), device_memory_bytes(device)
         try:
             source = resolve(spec.source)
@@ -277,8 +244,6 @@ def _run_batch(
     channel: WorkerChannel,
     inject_faults: bool = False,
 ) -> None:
-    from imago.workers.runtime.runner import Request, free_memory, run_to_the_end
-
     started = time.perf_counter()
     requests, offset = [], 0
     for item in batch.items:
@@ -298,27 +263,14 @@ def _run_batch(
     channel.beat()
 
 
-def run_worker(
-    worker_id: str,
-    device: str,
-    endpoint: str,
-    specs: list[ModelSpec],
-    cache_dir: str | None,
-    parent_pid: int,
-    log_level: int = logging.INFO,
-    cpu_threads: int = 0,
-    log_format: str = "text",
-) -> None:
-    """Entry point of a worker process (spawned by the frontend).
-
-    ``cpu_threads`` (0: torch's default) caps a CPU worker's compute threads
-    unless OMP_NUM_THREADS already says how many. ``log_format`` is the
-    frontend's ("text" or "json"); every line names ``worker_id``.
-    """
+def run_worker(config: WorkerConfig) -> None:
+    """Entry point of a worker process (spawned by the frontend), which loads
+    ``config.models`` on ``config.device``; every log line names its worker id."""
+    worker_id, device = config.worker_id, config.device
     _die_with_parent()
     # Ctrl-C reaches the whole process group; the frontend decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_logging(logging.getLevelName(log_level), log_format, process=worker_id)
+    configure_logging(logging.getLevelName(config.log_level), config.log_format, process=worker_id)
     # Download and load progress bars would interleave across workers in the server log.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -327,19 +279,19 @@ def run_worker(
         # Pin before torch is imported, so this process sees exactly one GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
         device = "cuda"
-    elif cpu_threads > 0:
+    elif config.cpu_threads > 0:
         # Read by torch when it is imported, which has not happened yet.
-        os.environ.setdefault("OMP_NUM_THREADS", str(cpu_threads))
+        os.environ.setdefault("OMP_NUM_THREADS", str(config.cpu_threads))
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.IDENTITY, worker_id.encode())
     socket.setsockopt(zmq.LINGER, 1000)
-    socket.connect(endpoint)
+    socket.connect(config.endpoint)
     channel = WorkerChannel(socket)
     try:
         started = time.monotonic()
         try:
-            runners = load_runners(specs, device, cache_dir)
+            runners = load_runners(list(config.models), device, config.cache_dir)
         except Exception as exc:
             log.error("loading failed:\n%s", traceback.format_exc())
             channel.send(LoadFailed(worker_id, str(exc)))
@@ -355,7 +307,7 @@ def run_worker(
             received = channel.receive(PARENT_CHECK_MS)
             channel.beat(HEARTBEAT_S)
             if received is None:
-                if os.getppid() != parent_pid:
+                if os.getppid() != config.parent_pid:
                     break
                 continue
             message, frames = received

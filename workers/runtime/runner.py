@@ -1,9 +1,13 @@
 """The contract between a worker process and a model family.
 
-A runner is loaded once per worker and then runs batches. It decodes its
-inputs, predicts, and encodes its outputs through an :class:`EventSink`; it
-never touches sockets. Adding a model family means adding one runner module
-and naming it in :data:`imago.workers.runtime.main.FAMILIES`.
+A :class:`Runner` is loaded once per worker and then runs batches. It decodes
+its inputs, predicts, and reports what happens to each request as
+:data:`Event` messages on an :class:`EventSink`; it never touches sockets.
+The worker process's sink sends each event to the frontend as it is, so a
+runner speaks the wire protocol of :mod:`imago.workers.contract.protocol`
+directly; the in-process sink of :mod:`imago.workers.runtime.inprocess`
+collects the same events. Model families, and the runner class of each, are
+registered in :mod:`imago.workers.contract.families`.
 """
 
 from __future__ import annotations
@@ -12,12 +16,22 @@ import abc
 import gc
 import logging
 import sys
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from imago.workers.contract.jobs import Job
 from imago.workers.contract.presets import DeviceSettings
-from imago.workers.contract.protocol import ArrayMeta, GeneratedText, ImageMeta, Job, ModelInfo
+from imago.workers.contract.protocol import (
+    ArraysResult,
+    Failed,
+    ImageResult,
+    ModelInfo,
+    Outcome,
+    Preview,
+    Progress,
+    Started,
+)
 
 log = logging.getLogger("imago.worker")
 
@@ -35,54 +49,33 @@ class Cancelled(Exception):
     """Raised inside a runner when every request of a model call was cancelled."""
 
 
+#: What a runner reports about one request: it started (with its step count),
+#: a step ended, a preview of a step, and then exactly one :data:`Outcome`
+#: (TextResult, ImageResult, ArraysResult or Failed), after which nothing more.
+Event = Started | Progress | Preview | Outcome
+
+
+def frame_count(event: Event) -> int:
+    """How many byte frames travel after ``event`` on the wire: one encoded
+    image for a Preview, one per entry of an ImageResult's ``images`` or an
+    ArraysResult's ``arrays``, none otherwise."""
+    if isinstance(event, Preview):
+        return 1
+    if isinstance(event, ImageResult):
+        return len(event.images)
+    if isinstance(event, ArraysResult):
+        return len(event.arrays)
+    return 0
+
+
 class EventSink(Protocol):
     """Where a runner reports what happens to each request of its batch."""
 
-    def started(self, request_id: str, total_steps: int = 0) -> None: ...
-
-    def progress(
-        self, request_id: str, step: int, total_steps: int, elapsed_seconds: float
-    ) -> None: ...
-
-    def preview(
-        self,
-        request_id: str,
-        step: int,
-        image_index: int,
-        data: bytes,
-        mime_type: str,
-        width: int,
-        height: int,
-    ) -> None: ...
-
-    def text_result(
-        self,
-        request_id: str,
-        texts: list[GeneratedText],
-        seed: int,
-        inference_seconds: float,
-        tokens: int | None = None,
-    ) -> None:
-        """End a request with its texts. ``tokens`` counts the new tokens of
-        all of them; None: the sum of their own ``tokens``."""
-
-    def image_result(
-        self,
-        request_id: str,
-        images: list[tuple[ImageMeta, bytes]],
-        warnings: list[str],
-        inference_seconds: float,
-    ) -> None: ...
-
-    def arrays_result(
-        self, request_id: str, arrays: list[tuple[ArrayMeta, bytes]], inference_seconds: float
-    ) -> None:
-        """End a request with float32 arrays, each with its row-major
-        little-endian bytes."""
-
-    def failed(self, request_id: str, code: str, message: str, field: str = "") -> None:
-        """End a request with a gRPC status (``code`` is a StatusCode name);
-        ``field`` names the request field at fault, when one is."""
+    def emit(self, event: Event, frames: Sequence[bytes] = ()) -> None:
+        """Report ``event`` with the bytes that travel after it, as
+        :func:`frame_count` says: a Preview's encoded image, an ImageResult's
+        encoded images and an ArraysResult's float32 arrays (row-major,
+        little-endian), each in the order of the event's entries."""
 
     def is_cancelled(self, request_id: str) -> bool:
         """True once the frontend asked to stop this request. Cheap to call
@@ -126,12 +119,10 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def run(self, batch: list[Request], sink: EventSink) -> None:
-        """Run every request of ``batch`` and report each one's outcome on
-        ``sink``: exactly one of ``text_result``, ``image_result``,
-        ``arrays_result`` or ``failed`` per request. The frontend batches
-        requests whose :func:`~imago.workers.contract.protocol.batch_key` agrees; a
-        runner still checks, and runs requests that cannot share a call
-        separately."""
+        """Run every request of ``batch`` and report each one's events on
+        ``sink``, ending with exactly one :data:`Outcome` per request. The
+        frontend batches requests whose jobs' ``batch_key()`` agrees; a runner
+        still checks, and runs requests that cannot share a call separately."""
 
 
 def failure_of(exc: Exception) -> tuple[str, str]:
@@ -174,4 +165,4 @@ def run_to_the_end(
         code, message = failure_of(exc)
     for request in batch:
         if request.request_id not in finished:
-            sink.failed(request.request_id, code, message)
+            sink.emit(Failed(request.request_id, code, message))

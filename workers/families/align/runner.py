@@ -31,14 +31,10 @@ from PIL import Image
 from torch.nn import functional
 from transformers import Blip2ForImageTextRetrieval, Blip2Processor
 
+from imago.workers.contract.families import BLIP2_ALIGN
+from imago.workers.contract.jobs import AlignJob, EmbedImagesJob, EmbedTextsJob, MatchJob
 from imago.workers.contract.presets import DeviceSettings
-from imago.workers.contract.protocol import (
-    ArrayMeta,
-    EmbedImagesJob,
-    EmbedTextsJob,
-    MatchJob,
-    ModelInfo,
-)
+from imago.workers.contract.protocol import ArrayMeta, ArraysResult, Failed, ModelInfo, Started
 from imago.workers.runtime.device_setup import set_transformers_attention, torch_dtype
 from imago.workers.runtime.runner import EventSink, Request, Runner
 
@@ -51,7 +47,7 @@ class _Item:
     """A request whose inputs decoded and fit; slices index the batch's rows."""
 
     request_id: str
-    job: EmbedImagesJob | EmbedTextsJob | MatchJob
+    job: AlignJob
     images: slice
     texts: slice
 
@@ -71,7 +67,7 @@ class _Encoded(NamedTuple):
 class Blip2AlignRunner(Runner):
     """Embeds images and texts and scores them against each other."""
 
-    family = "blip2-align"
+    family = BLIP2_ALIGN
 
     def __init__(
         self,
@@ -149,34 +145,46 @@ class Blip2AlignRunner(Runner):
         if not items:
             return
         for item in items:
-            sink.started(item.request_id)
+            sink.emit(Started(item.request_id))
         start = time.perf_counter()
         try:
             encoded = _Encoded(*self._embed_images(images), *self._embed_texts(token_ids))
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             for item in items:
-                sink.failed(item.request_id, "RESOURCE_EXHAUSTED", "out of accelerator memory")
+                sink.emit(
+                    Failed(item.request_id, "RESOURCE_EXHAUSTED", "out of accelerator memory")
+                )
             return
-        results = [(item.request_id, self._arrays(item, encoded, sink)) for item in items]
+        results = [
+            (item.request_id, self._RESULTS[type(item.job)](self, item, encoded, sink))
+            for item in items
+        ]
         elapsed = time.perf_counter() - start
         for request_id, arrays in results:
             if arrays is None:
                 continue  # already failed
             if sink.is_cancelled(request_id):
-                sink.failed(request_id, "CANCELLED", "cancelled by client")
+                sink.emit(Failed(request_id, "CANCELLED", "cancelled by client"))
             else:
-                sink.arrays_result(request_id, [_encode(n, a) for n, a in arrays], elapsed)
+                pairs = [_encode(name, array) for name, array in arrays]
+                result = ArraysResult(request_id, [meta for meta, _ in pairs], elapsed)
+                sink.emit(result, [data for _, data in pairs])
 
-    def _arrays(
+    def _image_embeddings(
         self, item: _Item, encoded: _Encoded, sink: EventSink
     ) -> list[tuple[str, torch.Tensor]] | None:
-        """The named result arrays of ``item``; None once it was failed."""
+        return [("image_embeddings", encoded.query_embeds[item.images])]
+
+    def _text_embeddings(
+        self, item: _Item, encoded: _Encoded, sink: EventSink
+    ) -> list[tuple[str, torch.Tensor]] | None:
+        return [("text_embeddings", encoded.text_embeds[item.texts])]
+
+    def _scores(
+        self, item: _Item, encoded: _Encoded, sink: EventSink
+    ) -> list[tuple[str, torch.Tensor]] | None:
         job = item.job
-        if isinstance(job, EmbedImagesJob):
-            return [("image_embeddings", encoded.query_embeds[item.images])]
-        if isinstance(job, EmbedTextsJob):
-            return [("text_embeddings", encoded.text_embeds[item.texts])]
         # Best cosine over the image's query vectors: [n, Q, D] @ [D, m] -> [n, m].
         scores = encoded.query_embeds[item.images] @ encoded.text_embeds[item.texts].T
         arrays = [("similarities", scores.max(dim=1).values)]
@@ -186,12 +194,20 @@ class Blip2AlignRunner(Runner):
             matches = self._match(item, encoded, sink.is_cancelled)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            sink.failed(item.request_id, "RESOURCE_EXHAUSTED", "out of accelerator memory")
+            sink.emit(Failed(item.request_id, "RESOURCE_EXHAUSTED", "out of accelerator memory"))
             return None
         if matches is None:
-            sink.failed(item.request_id, "CANCELLED", "cancelled by client")
+            sink.emit(Failed(item.request_id, "CANCELLED", "cancelled by client"))
             return None
         return [*arrays, ("match_probabilities", matches)]
+
+    #: The named result arrays of each kind of job the runner runs, from the
+    #: batch's shared passes; None once the request was failed.
+    _RESULTS = {
+        EmbedImagesJob: _image_embeddings,
+        EmbedTextsJob: _text_embeddings,
+        MatchJob: _scores,
+    }
 
     def _prepare(
         self,
@@ -203,20 +219,20 @@ class Blip2AlignRunner(Runner):
         """Decode the request's images and tokenise its texts onto the batch's
         lists; fail the request (leaving the lists as they were) if impossible."""
         rid, job = request.request_id, request.job
-        if not isinstance(job, EmbedImagesJob | EmbedTextsJob | MatchJob):
-            sink.failed(rid, "INVALID_ARGUMENT", f"{self.family} cannot run {job!r}")
+        if type(job) not in self._RESULTS:
+            sink.emit(Failed(rid, "INVALID_ARGUMENT", f"{self.family} cannot run {job!r}"))
             return None
         if sink.is_cancelled(rid):
-            sink.failed(rid, "CANCELLED", "cancelled by client")
+            sink.emit(Failed(rid, "CANCELLED", "cancelled by client"))
             return None
-        wanted = 0 if isinstance(job, EmbedTextsJob) else job.images
+        wanted = job.images
         if len(request.images) != wanted:
             message = f"expected {wanted} images, got {len(request.images)}"
-            sink.failed(rid, "INVALID_ARGUMENT", message, "images")
+            sink.emit(Failed(rid, "INVALID_ARGUMENT", message, "images"))
             return None
         if isinstance(job, MatchJob) and job.image_text_matching and not self.has_itm:
             message = f"{self.name!r} has no image-text matching head"
-            sink.failed(rid, "FAILED_PRECONDITION", message, "image_text_matching")
+            sink.emit(Failed(rid, "FAILED_PRECONDITION", message, "image_text_matching"))
             return None
         decoded = []
         for index, data in enumerate(request.images):
@@ -225,15 +241,15 @@ class Blip2AlignRunner(Runner):
                     decoded.append(image.convert("RGB"))
             except Exception as exc:  # PIL raises many types for corrupt data
                 message = f"cannot decode image {index}: {type(exc).__name__}: {exc}"
-                sink.failed(rid, "INVALID_ARGUMENT", message, f"images[{index}].data")
+                sink.emit(Failed(rid, "INVALID_ARGUMENT", message, f"images[{index}].data"))
                 return None
-        texts = () if isinstance(job, EmbedImagesJob) else job.texts
+        texts = job.texts
         ids = self.processor.tokenizer(list(texts)).input_ids if texts else []
         for index, tokens in enumerate(ids):
             if len(tokens) > self.max_text_tokens:
                 limit = self.max_text_tokens
                 message = f"text {index} has {len(tokens)} tokens; at most {limit} fit the model"
-                sink.failed(rid, "INVALID_ARGUMENT", message, f"texts[{index}]")
+                sink.emit(Failed(rid, "INVALID_ARGUMENT", message, f"texts[{index}]"))
                 return None
         item = _Item(
             rid,

@@ -1,6 +1,6 @@
 """BLIP-2 captioning and visual question answering.
 
-Requests of a batch with the same :func:`batch_key` (their generation settings,
+Requests of a batch with the same ``batch_key()`` (their generation settings,
 seed aside, and their adapter) run as one left-padded ``generate`` call,
 captions and questions mixed. Sampled requests always run alone: a seed then
 gives the same text whatever else happened to be batched with it. Adapters
@@ -13,9 +13,10 @@ from __future__ import annotations
 import copy
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -23,15 +24,10 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor, Stopping
 from transformers.generation.utils import GenerateOutput
 
 from imago.workers.checkpoints import arch
+from imago.workers.contract.families import BLIP2
+from imago.workers.contract.jobs import CaptionJob, TextSettings, VqaJob
 from imago.workers.contract.presets import DeviceSettings
-from imago.workers.contract.protocol import (
-    CaptionJob,
-    GeneratedText,
-    ModelInfo,
-    TextSettings,
-    VqaJob,
-    batch_key,
-)
+from imago.workers.contract.protocol import Failed, GeneratedText, ModelInfo, Started, TextResult
 from imago.workers.families.blip2.adapters import CaptionAdapters
 from imago.workers.runtime.device_setup import set_transformers_attention, torch_dtype
 from imago.workers.runtime.runner import EventSink, Request, Runner
@@ -85,6 +81,31 @@ def vqa_prompt(question: str) -> str:
     return f"Question: {question} Answer:"
 
 
+class _Prompt(NamedTuple):
+    """What a text job asks of the model: the ``text`` it is prompted with, the
+    ``prefix`` its generated text continues, and the request ``field`` the
+    text came from."""
+
+    text: str
+    prefix: str
+    field: str
+
+
+def _caption_prompt(job: CaptionJob) -> _Prompt:
+    return _Prompt(job.prefix, job.prefix, "prefix")
+
+
+def _vqa_prompt(job: VqaJob) -> _Prompt:
+    return _Prompt(vqa_prompt(job.question), "", "question")
+
+
+#: How each kind of job this model runs becomes a prompt.
+PROMPTS: dict[type, Callable[[Any], _Prompt]] = {
+    CaptionJob: _caption_prompt,
+    VqaJob: _vqa_prompt,
+}
+
+
 def normalise_legacy(processor: Blip2Processor, model: Blip2ForConditionalGeneration) -> None:
     """Give checkpoints saved before image tokens existed what generation needs.
 
@@ -105,7 +126,7 @@ def normalise_legacy(processor: Blip2Processor, model: Blip2ForConditionalGenera
 class Blip2Runner(Runner):
     """Captions images and answers questions about them with a BLIP-2 model."""
 
-    family = "blip2"
+    family = BLIP2
 
     def __init__(
         self,
@@ -192,7 +213,7 @@ class Blip2Runner(Runner):
             item = self._prepare(request, sink)
             if item is None:
                 continue
-            key = batch_key(request.job) or item.request_id
+            key = request.job.batch_key() or item.request_id
             groups.setdefault(key, []).append(item)
         for items in groups.values():
             self._run_group(items, sink)
@@ -200,29 +221,29 @@ class Blip2Runner(Runner):
     def _prepare(self, request: Request, sink: EventSink) -> _Item | None:
         """Decode the image and build the prompt; fail the request if impossible."""
         job = request.job
-        if isinstance(job, CaptionJob):
-            prompt, prefix, text_field = job.prefix, job.prefix, "prefix"
-        elif isinstance(job, VqaJob):
-            prompt, prefix, text_field = vqa_prompt(job.question), "", "question"
-        else:
-            sink.failed(request.request_id, "INVALID_ARGUMENT", f"{self.family} cannot run {job!r}")
+        prompting = PROMPTS.get(type(job))
+        if prompting is None:
+            message = f"{self.family} cannot run {job!r}"
+            sink.emit(Failed(request.request_id, "INVALID_ARGUMENT", message))
             return None
+        prompt, prefix, text_field = prompting(job)
         if not request.images:
-            sink.failed(request.request_id, "INVALID_ARGUMENT", "an image is required", "image")
+            message = "an image is required"
+            sink.emit(Failed(request.request_id, "INVALID_ARGUMENT", message, "image"))
             return None
         try:
             with Image.open(io.BytesIO(request.images[0])) as image:
                 rgb = image.convert("RGB")
         except Exception as exc:  # PIL raises many types for corrupt data, not only OSError
             message = f"cannot decode image: {type(exc).__name__}: {exc}"
-            sink.failed(request.request_id, "INVALID_ARGUMENT", message, "image.data")
+            sink.emit(Failed(request.request_id, "INVALID_ARGUMENT", message, "image.data"))
             return None
         prompt_ids = self.processor.tokenizer(prompt).input_ids
         if self.model.config.image_token_index in prompt_ids:
             # The processor counts placeholders to place the image's query
             # embeddings: one more in the text breaks the whole model call.
             message = f"must not contain the image placeholder {IMAGE_TOKEN}"
-            sink.failed(request.request_id, "INVALID_ARGUMENT", message, text_field)
+            sink.emit(Failed(request.request_id, "INVALID_ARGUMENT", message, text_field))
             return None
         # Image placeholders and prompt share the language model's positions.
         used = self.model.config.num_query_tokens + len(prompt_ids)
@@ -232,7 +253,7 @@ class Blip2Runner(Runner):
             message = f"{new} new tokens after a {used}-token prompt exceed the {limit} positions"
             # A prompt that leaves no room for even one token is the text's fault.
             field = text_field if used + 1 > limit else "generation.max_new_tokens"
-            sink.failed(request.request_id, "INVALID_ARGUMENT", message, field)
+            sink.emit(Failed(request.request_id, "INVALID_ARGUMENT", message, field))
             return None
         return _Item(request.request_id, rgb, prompt, prefix, job.settings, job.adapter)
 
@@ -241,7 +262,7 @@ class Blip2Runner(Runner):
         live = []
         for item in items:
             if sink.is_cancelled(item.request_id):
-                sink.failed(item.request_id, "CANCELLED", "cancelled by client")
+                sink.emit(Failed(item.request_id, "CANCELLED", "cancelled by client"))
             else:
                 live.append(item)
         if not live:
@@ -253,10 +274,10 @@ class Blip2Runner(Runner):
             loaded = ", ".join(self.adapters.names) or "none"
             message = f"no adapter {adapter!r} is loaded for {self.name} (loaded: {loaded})"
             for rid in ids:
-                sink.failed(rid, "NOT_FOUND", message, "adapter")
+                sink.emit(Failed(rid, "NOT_FOUND", message, "adapter"))
             return
         for rid in ids:
-            sink.started(rid)
+            sink.emit(Started(rid))
         start = time.perf_counter()
         try:
             with self.adapters.active(adapter):
@@ -265,16 +286,16 @@ class Blip2Runner(Runner):
             # The worker frees the memory once the batch is over.
             where = "host" if isinstance(exc, MemoryError) else "accelerator"
             for rid in ids:
-                sink.failed(rid, "RESOURCE_EXHAUSTED", f"out of {where} memory")
+                sink.emit(Failed(rid, "RESOURCE_EXHAUSTED", f"out of {where} memory"))
             return
         elapsed = time.perf_counter() - start
         n = settings.num_return_sequences
         for index, item in enumerate(live):
             if sink.is_cancelled(item.request_id):
-                sink.failed(item.request_id, "CANCELLED", "cancelled by client")
+                sink.emit(Failed(item.request_id, "CANCELLED", "cancelled by client"))
             else:
                 mine = texts[index * n : (index + 1) * n]
-                sink.text_result(item.request_id, mine, item.settings.seed, elapsed)
+                sink.emit(TextResult.of(item.request_id, mine, item.settings.seed, elapsed))
 
     @torch.inference_mode()
     def _generate(

@@ -8,7 +8,7 @@ line, then comma-separated ``key: value`` settings.
 
 from __future__ import annotations
 
-from imago.workers.contract.protocol import ImageToImageJob, TextToImageJob
+from imago.workers.contract.jobs import ImageToImageJob, TextToImageJob
 
 #: How those tools name each scheduler imago offers.
 SAMPLER_LABELS: dict[str, str] = {
@@ -29,14 +29,16 @@ def parameters_text(job: TextToImageJob, seed: int, model: str, sampler: str) ->
     lines = [job.prompt]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
+    params = job.params
     settings = [
-        ("Steps", job.steps),
+        ("Steps", params.steps),
         ("Sampler", sampler),
-        ("CFG scale", f"{job.guidance_scale:g}"),
+        ("CFG scale", f"{params.guidance_scale:g}"),
         ("Seed", seed),
-        ("Size", f"{job.width}x{job.height}"),
+        ("Size", f"{params.width}x{params.height}"),
         ("Model", model),
     ]
+    # Only image-to-image and inpainting have a strength (text-to-image's is 1).
     if isinstance(job, ImageToImageJob):
         settings.append(("Denoising strength", f"{job.strength:g}"))
     lines.append(", ".join(f"{key}: {value}" for key, value in settings))

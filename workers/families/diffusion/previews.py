@@ -1,20 +1,30 @@
-"""Cheap denoising previews and image encoding.
+"""Denoising previews: the methods that draw them, and image encoding.
 
 A preview shows the predicted denoised latent (x0) of a step, not the noisy
 latent the scheduler carries: the noisy one is mostly noise until the last
-steps. The latent is turned into colours with a fixed 4x3 linear projection,
-which costs nothing next to a VAE decode; the preview is therefore latent
-sized (1/8 of the output on each side for Stable Diffusion).
+steps. :data:`PREVIEW_METHODS` holds every method by the name requests use
+(:mod:`imago.workers.contract.preview_methods`), each with the decoder it
+needs: latent_rgb turns the latent into colours with a fixed 4x3 linear
+projection, which costs nothing next to a VAE decode but comes out at the
+latent's size (1/8 of the output on each side for Stable Diffusion); taesd
+decodes with a tiny autoencoder loaded next to the checkpoint; full decodes
+with the checkpoint's own VAE. Every preview is then scaled to the output's
+shape (:func:`preview_size`), whatever size its method drew it at.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image, PngImagePlugin
+
+from imago.workers.contract.families import TAESD
+from imago.workers.contract.preview_methods import DEFAULT_PREVIEW_METHOD
 
 #: SD 1.5 latent channel -> (R, G, B) contribution; rows are channels 0..3.
 LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
@@ -39,6 +49,82 @@ def latents_to_rgb(latents: torch.Tensor) -> Image.Image:
     rgb = torch.einsum("chw,cr->hwr", latents.float(), factors)
     pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)
     return Image.fromarray(pixels.cpu().numpy())
+
+
+def decoded_to_rgb(decoded: torch.Tensor) -> Image.Image:
+    """The first image of an autoencoder's output ``[batch, 3, h, w]``
+    (values about [-1, 1], clipped there) as a ``w x h`` RGB image."""
+    pixels = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+
+
+#: Role of the checkpoint's own VAE among a model's preview decoders; the
+#: other roles are the extra sources that load one (families.TAESD).
+VAE = "vae"
+
+
+def _draw_latent_rgb(latents: torch.Tensor, decoder: None) -> Image.Image:
+    return latents_to_rgb(latents[0])
+
+
+def _draw_taesd(latents: torch.Tensor, taesd: Any) -> Image.Image:
+    # TAESD takes latents at the UNet's scale (its scaling factor is 1).
+    return decoded_to_rgb(taesd.decode(latents.to(taesd.dtype)).sample)
+
+
+def _draw_full(latents: torch.Tensor, vae: Any) -> Image.Image:
+    return decoded_to_rgb(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
+
+
+@dataclass(frozen=True)
+class PreviewMethod:
+    """One way of drawing a preview from a step's predicted x0."""
+
+    #: The name requests use (see imago.workers.contract.preview_methods).
+    name: str
+    #: Role of the decoder it draws with among a model's preview decoders
+    #: (:data:`VAE`, or the extra source that loads one, e.g. families.TAESD);
+    #: "" for a method that needs none.
+    decoder: str
+    #: ``draw(latents, decoder)``: latents ``[1, 4, h, w]`` at the UNet's
+    #: scale, and the decoder of role :attr:`decoder` (None when it needs
+    #: none) -> an RGB picture of any size.
+    draw: Callable[[torch.Tensor, Any], Image.Image]
+
+    def available(self, decoders: Mapping[str, Any]) -> bool:
+        """Whether a model whose preview decoders are ``decoders`` (by role)
+        can draw previews this way."""
+        return not self.decoder or self.decoder in decoders
+
+    def render(self, latents: torch.Tensor, decoders: Mapping[str, Any]) -> Image.Image:
+        """A picture of predicted denoised ``latents`` ``[1, 4, h, w]`` (UNet
+        scale) with the decoder it needs from ``decoders``; ValueError when
+        they lack it."""
+        if not self.available(decoders):
+            raise ValueError(f"no {self.name} preview decoder")
+        return self.draw(latents, decoders[self.decoder] if self.decoder else None)
+
+
+#: Every preview method by name. A new one is a value of the API's
+#: PreviewMethod enum, an entry here and, when it decodes with weights of its
+#: own, their loading into the runner's preview decoders.
+PREVIEW_METHODS: dict[str, PreviewMethod] = {
+    method.name: method
+    for method in (
+        PreviewMethod(DEFAULT_PREVIEW_METHOD, "", _draw_latent_rgb),
+        PreviewMethod("taesd", TAESD, _draw_taesd),
+        PreviewMethod("full", VAE, _draw_full),
+    )
+}
+
+
+def preview_method(name: str) -> PreviewMethod:
+    """The preview method called ``name``; ValueError for an unknown one."""
+    try:
+        return PREVIEW_METHODS[name]
+    except KeyError:
+        known = ", ".join(PREVIEW_METHODS)
+        raise ValueError(f"unknown preview method {name!r}; use {known}") from None
 
 
 def x0_from_prediction(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imago.workers.contract.protocol import TextToImageJob
+from imago.workers.contract.jobs import TextToImageJob
 
 
 def dropped_text(tokenizer: Any, text: str) -> str:

@@ -1,9 +1,11 @@
-"""Stable Diffusion text-to-image and image-to-image through diffusers'
-StableDiffusionPipeline and StableDiffusionImg2ImgPipeline, which share every
-component (one copy of the weights).
+"""Stable Diffusion: text-to-image, image-to-image (with an optional style
+image through an IP-Adapter) and inpainting through diffusers'
+StableDiffusionPipeline, StableDiffusionImg2ImgPipeline and
+StableDiffusionInpaintPipeline, which share every component (one copy of the
+weights; inpainting may bring a dedicated UNet checkpoint of its own).
 
-The frontend batches requests whose :func:`~imago.workers.contract.protocol.batch_key`
-agrees (same task, size, step count, guidance scale, scheduler and strength);
+The frontend batches requests whose jobs' ``batch_key()`` agrees (same task,
+size, step count, guidance scale, scheduler, LoRAs and strength);
 their prompts, seeds, image counts, init images and formats may differ. The
 runner regroups a batch by that key (it does not trust the frontend to have
 done so) and runs each group in one pipeline call: every image of every
@@ -16,10 +18,10 @@ A step callback keeps one event stream per request: progress, previews of the
 request's own image 0 and cancellation. A cancelled request ends at once while
 the rest of its group runs on; when every request of a group is cancelled the
 call stops before the VAE decode. Cancellation is also checked inside steps,
-at each coarse block of the UNet and of the VAE decoder (see
-:mod:`imago.workers.families.diffusion.steps`), so that a call whose steps take minutes stops
-within a block, and the worker's heartbeats go on while a step runs; except
-in models compiled with torch.compile, which are checked between steps only.
+at each coarse block of the UNet and of the VAE decoder (see :mod:`.steps`),
+so that a call whose steps take minutes stops within a block, and the
+worker's heartbeats go on while a step runs; except in models compiled with
+torch.compile, which are checked between steps only.
 """
 
 from __future__ import annotations
@@ -46,24 +48,27 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
-from imago.workers.contract.adapters import apply_adapters, sync_adapters
-from imago.workers.contract.presets import STABLE_DIFFUSION, DeviceSettings
+from imago.workers.contract.families import STABLE_DIFFUSION, TAESD
+from imago.workers.contract.jobs import ImageToImageJob, InpaintJob, TextToImageJob
+from imago.workers.contract.presets import DeviceSettings
+from imago.workers.contract.preview_methods import DEFAULT_PREVIEW_METHOD
 from imago.workers.contract.protocol import (
+    Failed,
     ImageMeta,
-    ImageToImageJob,
-    InpaintJob,
+    ImageResult,
     ModelInfo,
-    TextToImageJob,
-    batch_key,
+    Started,
 )
 from imago.workers.contract.schedulers import SCHEDULERS
-from imago.workers.families.diffusion.inputs import InputError, job_inputs
+from imago.workers.families.diffusion.inputs import ARGUMENTS, InputError, job_inputs
 from imago.workers.families.diffusion.loading import load_ip_adapter, load_pipeline, load_taesd
+from imago.workers.families.diffusion.loras import apply_adapters, sync_adapters
 from imago.workers.families.diffusion.parameters import SAMPLER_LABELS, parameters_text
 from imago.workers.families.diffusion.previews import (
+    PREVIEW_METHODS,
+    VAE,
     X0Capture,
     encode_image,
-    latents_to_rgb,
     mime_type,
 )
 from imago.workers.families.diffusion.prompts import truncation_warnings
@@ -87,7 +92,8 @@ def _swapped_scheduler(pipe: DiffusionPipeline, scheduler: SchedulerMixin) -> It
 
 
 class StableDiffusionRunner(Runner):
-    """Text-to-image with a Stable Diffusion 1.x/2.x checkpoint."""
+    """A Stable Diffusion model (the UNet, VAE and CLIP text encoder layout of
+    versions 1 and 2) serving every task of the ImageGenService."""
 
     family = STABLE_DIFFUSION
 
@@ -106,7 +112,10 @@ class StableDiffusionRunner(Runner):
         self.name = name
         self.source = source
         self.pipe = pipe
-        self.taesd = taesd
+        # What preview methods draw with, by role (see previews.PREVIEW_METHODS).
+        self.preview_decoders: dict[str, torch.nn.Module] = {VAE: pipe.vae}
+        if taesd is not None:
+            self.preview_decoders[TAESD] = taesd
         # LoRA adapters: the directory they come from, and the names loaded.
         self.lora_dir: Path | None = None
         self.adapters: set[str] = set()
@@ -129,6 +138,12 @@ class StableDiffusionRunner(Runner):
         )
         for extra in (self.img2img, self.inpaint):
             extra.set_progress_bar_config(disable=True)
+        #: The pipeline that runs each task (a job's ``mode``).
+        self.pipelines: dict[str, DiffusionPipeline] = {
+            TextToImageJob.mode: self.pipe,
+            ImageToImageJob.mode: self.img2img,
+            InpaintJob.mode: self.inpaint,
+        }
         self._encoder = ThreadPoolExecutor(min(8, os.cpu_count() or 1), "encode")
 
     def scheduler_template(self, name: str) -> SchedulerMixin:
@@ -222,7 +237,7 @@ class StableDiffusionRunner(Runner):
             source=self.source,
             default_size=self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor,
             max_prompt_tokens=self.pipe.tokenizer.model_max_length,
-            preview_methods=["full", "taesd"] if self.taesd is not None else ["full"],
+            preview_methods=self.preview_methods(),
             adapters=sorted(self.adapters),
             style_images=self.style_images,
         )
@@ -232,22 +247,14 @@ class StableDiffusionRunner(Runner):
         unets = [self.pipe] + ([self.inpaint] if self.dedicated_inpaint else [])
         self.adapters = sync_adapters(unets, self.lora_dir, self.adapters)
 
-    def render_preview(self, latents: torch.Tensor, method: str) -> Image.Image:
-        """A picture of predicted denoised ``latents`` ``[1, 4, h, w]`` (UNet
-        scale) by ``method``: latent_rgb (a linear projection, 1/8 size),
-        taesd (the tiny autoencoder) or full (the model's VAE)."""
-        if method == "latent_rgb":
-            return latents_to_rgb(latents[0])
-        if method == "taesd" and self.taesd is not None:
-            # TAESD takes latents at the UNet's scale (its scaling factor is 1).
-            decoded = self.taesd.decode(latents.to(self.taesd.dtype)).sample
-        elif method == "full":
-            vae = self.pipe.vae
-            decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        else:
-            raise ValueError(f"no {method} preview decoder")
-        pixels = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+    def preview_methods(self) -> list[str]:
+        """The preview methods this model can run beyond the default one,
+        which every model runs: those whose decoder it has loaded."""
+        return [
+            name
+            for name, method in PREVIEW_METHODS.items()
+            if name != DEFAULT_PREVIEW_METHOD and method.available(self.preview_decoders)
+        ]
 
     def run(self, batch: list[Request], sink: EventSink) -> None:
         # Requests whose batch key agrees share one pipeline call; the others
@@ -256,16 +263,16 @@ class StableDiffusionRunner(Runner):
         for request in batch:
             rid, job = request.request_id, request.job
             if not isinstance(job, TextToImageJob):
-                sink.failed(rid, "INVALID_ARGUMENT", f"{self.name} runs image generation jobs only")
+                message = f"{self.name} runs image generation jobs only"
+                sink.emit(Failed(rid, "INVALID_ARGUMENT", message))
                 continue
             member = Member(rid, job)
-            if isinstance(job, ImageToImageJob):
-                try:
-                    member.inputs = job_inputs(job, request.images)
-                except InputError as exc:
-                    sink.failed(rid, "INVALID_ARGUMENT", str(exc), exc.field)
-                    continue
-            groups.setdefault(batch_key(job), []).append(member)
+            try:
+                member.inputs = job_inputs(job, request.images)
+            except InputError as exc:
+                sink.emit(Failed(rid, "INVALID_ARGUMENT", str(exc), exc.field))
+                continue
+            groups.setdefault(job.batch_key(), []).append(member)
         for members in groups.values():
             try:
                 self._run_group(members, sink)
@@ -283,7 +290,7 @@ class StableDiffusionRunner(Runner):
         for member in members:
             if not member.finished:
                 member.finished = True
-                sink.failed(member.request_id, code, message)
+                sink.emit(Failed(member.request_id, code, message))
 
     def _interrupt_points(self, pipe: DiffusionPipeline) -> list[torch.nn.Module]:
         """The blocks of ``pipe``'s UNet and VAE decoder at which cancellation
@@ -303,18 +310,18 @@ class StableDiffusionRunner(Runner):
         for member in members:
             if sink.is_cancelled(member.request_id):
                 member.finished = True
-                sink.failed(member.request_id, "CANCELLED", "cancelled before it started")
+                sink.emit(Failed(member.request_id, "CANCELLED", "cancelled before it started"))
         members = [member for member in members if not member.finished]
         if not members:
             return
         # Rows follow request order, each request's images in seed order.
         job = members[0].job  # the batch key's settings agree across the group
         # Image-to-image runs only the last steps x strength of the schedule.
-        steps_run = job.steps_run if isinstance(job, ImageToImageJob) else job.steps
+        steps_run = job.steps_run
         row = 0
         for member in members:
             member.row, row = row, row + member.job.num_images
-            sink.started(member.request_id, total_steps=steps_run)
+            sink.emit(Started(member.request_id, total_steps=steps_run))
             notes = member.inputs.notes if member.inputs else []
             member.warnings = notes + truncation_warnings(self.pipe.tokenizer, member.job)
         rows = [(member, i) for member in members for i in range(member.job.num_images)]
@@ -322,35 +329,23 @@ class StableDiffusionRunner(Runner):
             "prompt": [member.job.prompt for member, _ in rows],
             # diffusers treats a missing negative prompt as "".
             "negative_prompt": [member.job.negative_prompt for member, _ in rows],
-            "num_inference_steps": job.steps,
-            "guidance_scale": job.guidance_scale,
+            "num_inference_steps": job.params.steps,
+            "guidance_scale": job.params.guidance_scale,
             "num_images_per_prompt": 1,
             "generator": [
                 torch.Generator("cpu").manual_seed(member.job.seed + i) for member, i in rows
             ],
         }
-        if isinstance(job, InpaintJob):
-            pipe = self.inpaint
-            arguments.update(
-                image=[member.inputs.image for member, _ in rows],
-                mask_image=[member.inputs.mask for member, _ in rows],
-                strength=job.strength,
-                width=job.width,
-                height=job.height,
-            )
-        elif isinstance(job, ImageToImageJob):
-            pipe = self.img2img
-            images = [member.inputs.image for member, _ in rows]
-            arguments.update(image=images, strength=job.strength)
-        else:
-            pipe = self.pipe
-            arguments.update(width=job.width, height=job.height)
-        capture = X0Capture(self.scheduler_template(job.scheduler))
-        reporter = StepReporter(members, steps_run, sink, capture, self.render_preview)
-        apply_adapters(pipe, job.loras, self.adapters)
+        pipe = self.pipelines[job.mode]
+        inputs = [member.inputs for member, _ in rows if member.inputs is not None]
+        arguments.update(ARGUMENTS[job.mode](job, inputs))
+        capture = X0Capture(self.scheduler_template(job.params.scheduler))
+        reporter = StepReporter(members, steps_run, sink, capture, self.preview_decoders)
+        apply_adapters(pipe, job.params.loras, self.adapters)
         if self.style_images and pipe.unet is self.pipe.unet:
             style = members[0].inputs.style if members[0].inputs else None
-            scale = job.style_scale if isinstance(job, ImageToImageJob) and style else 0.0
+            # Only image-to-image decodes a style image, and only with a scale.
+            scale = job.style_scale if style else 0.0
             pipe.set_ip_adapter_scale(scale)
             arguments["ip_adapter_image"] = style if scale else Image.new("RGB", (32, 32))
         try:
@@ -375,7 +370,7 @@ class StableDiffusionRunner(Runner):
         for member in live:
             job = member.job
             end = member.row + job.num_images
-            mime = mime_type(job.output_format)
+            mime = mime_type(job.output.format)
             pairs = zip(output.images[member.row : end], flags[member.row : end], strict=True)
             images = [
                 (
@@ -394,18 +389,19 @@ class StableDiffusionRunner(Runner):
                     f"the safety checker flagged image {which}; it was replaced by a black image"
                 )
             member.finished = True
-            sink.image_result(member.request_id, images, warnings, seconds)
+            result = ImageResult(member.request_id, [meta for meta, _ in images], warnings, seconds)
+            sink.emit(result, [data for _, data in images])
 
     def _encode(self, row: tuple[Member, int], image: Image.Image) -> bytes:
         """Image ``i`` of ``member``'s request, for ``row`` = (member, i), encoded."""
         member, i = row
         job = member.job
         text = self._parameters(job, job.seed + i)
-        return encode_image(image, job.output_format, quality=job.output_quality, text=text)
+        return encode_image(image, job.output.format, quality=job.output.quality, text=text)
 
     def _parameters(self, job: TextToImageJob, seed: int) -> dict[str, str] | None:
         """PNG text chunks describing how the image with ``seed`` was made."""
-        if not job.embed_parameters:
+        if not job.output.embed_parameters:
             return None
-        sampler = SAMPLER_LABELS.get(job.scheduler) or type(self._schedulers[""]).__name__
+        sampler = SAMPLER_LABELS.get(job.params.scheduler) or type(self._schedulers[""]).__name__
         return {"parameters": parameters_text(job, seed, self.name, sampler)}

@@ -17,7 +17,7 @@ step runs, and stops the call within a block once nobody is left.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +26,14 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from imago.workers.contract.protocol import TextToImageJob
+from imago.workers.contract.jobs import TextToImageJob
+from imago.workers.contract.protocol import Failed, Preview, Progress
 from imago.workers.families.diffusion.inputs import JobInputs
 from imago.workers.families.diffusion.previews import (
     X0Capture,
     encode_image,
     mime_type,
+    preview_method,
     preview_size,
 )
 from imago.workers.runtime.runner import Cancelled, EventSink
@@ -71,15 +73,15 @@ class StepReporter:
         steps: int,
         sink: EventSink,
         capture: X0Capture,
-        render: Callable[[torch.Tensor, str], Image.Image],
+        decoders: Mapping[str, Any],
     ) -> None:
-        """``render(latents, method)`` turns one predicted x0 ``[1, 4, h, w]``
-        into a picture by a preview method (latent_rgb, taesd, full)."""
+        """``decoders`` are the model's preview decoders by role, which each
+        request's preview method (see previews.PREVIEW_METHODS) draws with."""
         self.members = members
         self.steps = steps
         self.sink = sink
         self.capture = capture
-        self.render = render
+        self.decoders = decoders
         self.steps_done = 0
         self.started_at = time.perf_counter()
 
@@ -99,7 +101,7 @@ class StepReporter:
                 # mid-call is not something the pipeline supports); only its
                 # events stop.
                 member.finished = True
-                self.sink.failed(member.request_id, "CANCELLED", message)
+                self.sink.emit(Failed(member.request_id, "CANCELLED", message))
         live = self.live()
         if not live:
             # Nobody wants the result: skip the rest of the call, decode included.
@@ -139,8 +141,8 @@ class StepReporter:
                     # Cancelled while an earlier member's preview was decoded
                     # (the VAE decoder's blocks check too).
                     continue
-                self.sink.progress(member.request_id, self.steps_done, self.steps, elapsed)
-                every = member.job.preview_every
+                self.sink.emit(Progress(member.request_id, self.steps_done, self.steps, elapsed))
+                every = member.job.preview.every
                 if every > 0 and self.steps_done % every == 0:
                     # x0 of the whole call, computed at most once per step.
                     x0 = self.capture.x0() if x0 is None else x0
@@ -153,19 +155,21 @@ class StepReporter:
         # stream per request. Each is shown where the final image will be, so
         # it takes the output's shape.
         job = member.job
-        size = preview_size(job.width, job.height, job.preview_max_size)
-        count = job.num_images if job.preview_all_images else 1
+        size = preview_size(job.params.width, job.params.height, job.preview.max_size)
+        count = job.num_images if job.preview.all_images else 1
+        method = preview_method(job.preview.method)
         for index in range(count):
             row = member.row + index
-            picture = self.render(x0[row : row + 1], job.preview_method)
+            picture = method.render(x0[row : row + 1], self.decoders)
             if member.finished:
                 return  # cancelled while the preview was decoded: no more events
             image = picture.resize(size, Image.Resampling.BILINEAR)
-            data = encode_image(image, job.preview_format, quality=PREVIEW_QUALITY)
-            fmt = mime_type(job.preview_format)
-            self.sink.preview(
-                member.request_id, self.steps_done, index, data, fmt, image.width, image.height
+            data = encode_image(image, job.preview.format, quality=PREVIEW_QUALITY)
+            fmt = mime_type(job.preview.format)
+            preview = Preview(
+                member.request_id, self.steps_done, index, fmt, image.width, image.height
             )
+            self.sink.emit(preview, [data])
 
 
 def interrupt_points(
