@@ -9,8 +9,8 @@ from types import MappingProxyType
 
 from imago.server.admission import default_max_pixels
 from imago.server.devices import detect_devices
+from imago.workers.contract.families import makes_images
 from imago.workers.contract.presets import (
-    STABLE_DIFFUSION,
     ModelSpec,
     per_model,
     preset,
@@ -179,11 +179,12 @@ def resolve_watchdogs(
 def resolve_pixel_limits(
     entries: tuple[str, ...], models: tuple[ModelSpec, ...], default: int
 ) -> dict[str, int]:
-    """Most pixels per request and batch of each Stable Diffusion model of
-    ``models`` from "[MODEL=]N" entries (``--max-pixels``); ``default`` for
-    those no entry names. ValueError names an entry with a model that is not
-    a Stable Diffusion one or an N below :data:`MIN_MAX_PIXELS`."""
-    image_models = [spec.name for spec in models if spec.family == STABLE_DIFFUSION]
+    """Most pixels per request and batch of each image model of ``models``
+    (one whose family answers the ImageGenService, i.e. Stable Diffusion) from
+    "[MODEL=]N" entries (``--max-pixels``); ``default`` for those no entry
+    names. ValueError names an entry with a model that is not an image model
+    or an N below :data:`MIN_MAX_PIXELS`."""
+    image_models = [spec.name for spec in models if makes_images(spec.family)]
     given = per_model(
         entries,
         image_models,

@@ -12,9 +12,11 @@ from dataclasses import fields, replace
 import pytest
 
 import imago.v1
+from imago.server.config import resolve_pixel_limits
 from imago.workers.checkpoints import arch, tiny
 from imago.workers.contract.families import (
     FAMILIES,
+    IMAGE_SERVICE,
     STABLE_DIFFUSION,
     BatchPolicy,
     ExtraRole,
@@ -188,3 +190,22 @@ def test_a_new_registry_entry_is_all_the_contract_tables_need(monkeypatch):
         with_device_settings((plain,), SettingEntries(vae_tiling=("toy-2=on",)))
     with pytest.raises(ValueError, match="--compile: toy-1 also serves styles"):
         with_device_settings((spec,), SettingEntries(compile=("default",)))
+
+
+def test_a_family_answering_the_image_service_gets_pixel_limits(monkeypatch):
+    painter = FamilyInfo(
+        name="painter",
+        title="Painter",
+        services=(IMAGE_SERVICE,),
+        batching=BatchPolicy(max_batch_size=2, max_batch_delay_ms=5.0),
+        runner="painter.runner:PainterRunner",
+    )
+    monkeypatch.setitem(FAMILIES, "painter", painter)
+    models = (
+        ModelSpec("painter-1", "painter", "/models/painter-1"),
+        ModelSpec("blip2-1", "blip2", "/models/blip2-1"),
+    )
+
+    assert resolve_pixel_limits(("painter-1=8192",), models, default=4096) == {"painter-1": 8192}
+    with pytest.raises(ValueError, match="blip2-1"):
+        resolve_pixel_limits(("blip2-1=8192",), models, default=4096)

@@ -183,6 +183,16 @@ FAMILIES: dict[str, FamilyInfo] = {
 }
 
 
+#: The service whose requests make images: the models of the families that
+#: answer it are limited in pixels (``imago serve --max-pixels``).
+IMAGE_SERVICE = "imago.v1.ImageGenService"
+
+
+def makes_images(name: str) -> bool:
+    """Whether the family ``name`` answers :data:`IMAGE_SERVICE`."""
+    return IMAGE_SERVICE in family(name).services
+
+
 def family(name: str) -> FamilyInfo:
     """The family called ``name``; ValueError listing the known ones otherwise."""
     try:
