@@ -87,16 +87,24 @@ def image_format(name: str | int) -> int:
         raise ValueError(f"unknown image format {name!r}; use png, jpeg or webp") from None
 
 
+#: Preview method names a request may use, from the API's enum
+#: (PREVIEW_METHOD_LATENT_RGB is "latent_rgb"), in the enum's order.
+PREVIEW_METHODS = tuple(
+    name.removeprefix("PREVIEW_METHOD_").lower()
+    for name in imagegen_pb2.PreviewMethod.keys()
+    if name != "PREVIEW_METHOD_UNSPECIFIED"
+)
+
+
 def preview_method_value(name: str | int) -> int:
-    """The ``PreviewMethod`` value for "latent_rgb", "taesd" or "full" (or an enum value)."""
+    """The ``PreviewMethod`` value for one of :data:`PREVIEW_METHODS` (e.g.
+    "latent_rgb", "taesd" or "full"), or an enum value as it is."""
     if isinstance(name, int):
         return name
-    try:
-        return imagegen_pb2.PreviewMethod.Value(f"PREVIEW_METHOD_{name.upper()}")
-    except ValueError:
-        raise ValueError(
-            f"unknown preview method {name!r}; use latent_rgb, taesd or full"
-        ) from None
+    if name.lower() not in PREVIEW_METHODS:
+        known = ", ".join(PREVIEW_METHODS[:-1]) + f" or {PREVIEW_METHODS[-1]}"
+        raise ValueError(f"unknown preview method {name!r}; use {known}")
+    return imagegen_pb2.PreviewMethod.Value(f"PREVIEW_METHOD_{name.upper()}")
 
 
 def generation_settings(

@@ -28,6 +28,7 @@ import grpc
 from imago.client import api
 from imago.client.bench import loadgen
 from imago.client.bench.loadgen import Outcome, Plan, phase_report, ratio
+from imago.client.messages import PREVIEW_METHODS
 
 DESCRIPTION = """\
 Drive closed-loop load at an imago server and print throughput and latency.
@@ -299,7 +300,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         "generated images, a multiple of 8 (default: the model's)")  # fmt: skip
     add("--preview-every", type=count, default=0, metavar="N",
         help="a preview every N steps (default: 0, none)")  # fmt: skip
-    add("--preview-method", choices=["latent_rgb", "taesd", "full"], default="latent_rgb",
+    add("--preview-method", choices=PREVIEW_METHODS, default="latent_rgb",
         help="how previews are made (default: %(default)s)")  # fmt: skip
     add("--seed", type=count, default=0, help="request i has seed SEED + i (default: 0)")
     add = p.add_argument_group("comparisons and output").add_argument

@@ -11,6 +11,7 @@ from typing import Any
 from imago.client.cli.argtypes import uint
 from imago.client.cli.connect import client_from_args
 from imago.client.cli.localfiles import local, read
+from imago.client.messages import PREVIEW_METHODS
 from imago.client.options import (
     DiffusionOptions,
     ImageToImage,
@@ -84,7 +85,7 @@ def add_generate_parser(sub: Any) -> argparse.ArgumentParser:
     add("--preview-every", type=uint, metavar="N", help="a preview every N steps (default: 1)")
     add(
         "--preview-method",
-        choices=["latent_rgb", "taesd", "full"],
+        choices=PREVIEW_METHODS,
         default="latent_rgb",
         help="how previews are made (default: %(default)s)",
     )

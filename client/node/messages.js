@@ -18,11 +18,13 @@ const IMAGE_FORMATS = {
   jpg: 'IMAGE_FORMAT_JPEG',
   webp: 'IMAGE_FORMAT_WEBP',
 };
-const PREVIEW_METHODS = {
-  latent_rgb: 'PREVIEW_METHOD_LATENT_RGB',
-  taesd: 'PREVIEW_METHOD_TAESD',
-  full: 'PREVIEW_METHOD_FULL',
-};
+/** Preview methods by name ("latent_rgb"), from the API's PreviewMethod enum. */
+const PREVIEW_METHODS = Object.fromEntries(
+  definition['imago.v1.PreviewMethod'].type.value
+    .map((value) => value.name)
+    .filter((name) => name !== 'PREVIEW_METHOD_UNSPECIFIED')
+    .map((name) => [name.replace(/^PREVIEW_METHOD_/, '').toLowerCase(), name]),
+);
 const MAX_UINT64 = 2n ** 64n - 1n;
 
 // ------------------------------------------------------------------ values
