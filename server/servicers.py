@@ -123,61 +123,71 @@ class ImageGenServicer(imagegen_pb2_grpc.ImageGenServiceServicer):
                 if isinstance(message, protocol.Failed):
                     raise from_failure(message)
                 yield imagegen_pb2.GenerateResponse(
-                    request_id=rid, **self._event(message, frames, ticket)
+                    request_id=rid, **_generate_event(message, frames, ticket, self._d)
                 )
         except RequestError as error:
             await abort(context, error)
         finally:
             await events.aclose()
 
-    def _event(self, message, frames: list[bytes], ticket) -> dict:
-        if isinstance(message, QueuePosition):
-            return {"queued": imagegen_pb2.Queued(position=message.position)}
-        if isinstance(message, protocol.Started):
-            return {
-                "started": imagegen_pb2.Started(
-                    worker=ticket.worker or "", total_steps=message.total_steps
-                )
-            }
-        if isinstance(message, protocol.Progress):
-            return {
-                "progress": imagegen_pb2.Progress(
-                    step=message.step,
-                    total_steps=message.total_steps,
-                    elapsed_seconds=message.elapsed_seconds,
-                )
-            }
-        if isinstance(message, protocol.Preview):
-            image = common_pb2.Image(
-                data=frames[0],
-                mime_type=message.mime_type,
-                width=message.width,
-                height=message.height,
-            )
-            return {
-                "preview": imagegen_pb2.Preview(
-                    step=message.step, image_index=message.image_index, image=image
-                )
-            }
-        if isinstance(message, protocol.ImageResult):
-            images = [
-                imagegen_pb2.GeneratedImage(
-                    image=common_pb2.Image(
-                        data=data, mime_type=meta.mime_type, width=meta.width, height=meta.height
-                    ),
-                    seed=meta.seed,
-                    nsfw_detected=meta.nsfw_detected,
-                    replaced=meta.replaced,
-                )
-                for meta, data in zip(message.images, frames, strict=True)
-            ]
-            result = imagegen_pb2.Result(
-                images=images,
-                info=self._d.info(ticket, message.inference_seconds),
-                warnings=message.warnings,
-            )
-            return {"result": result}
-        raise RequestError(grpc.StatusCode.INTERNAL, f"unexpected event {type(message).__name__}")
+
+@functools.singledispatch
+def _generate_event(message, frames: list[bytes], ticket, dispatcher: Dispatcher) -> dict:
+    """The GenerateResponse field that carries ``message`` (one of a ticket's
+    events, with its frames), as a {field: value} dict; one converter per
+    kind of event, registered below."""
+    raise RequestError(grpc.StatusCode.INTERNAL, f"unexpected event {type(message).__name__}")
+
+
+@_generate_event.register(QueuePosition)
+def _queued(message: QueuePosition, frames, ticket, dispatcher) -> dict:
+    return {"queued": imagegen_pb2.Queued(position=message.position)}
+
+
+@_generate_event.register(protocol.Started)
+def _started(message: protocol.Started, frames, ticket, dispatcher) -> dict:
+    started = imagegen_pb2.Started(worker=ticket.worker or "", total_steps=message.total_steps)
+    return {"started": started}
+
+
+@_generate_event.register(protocol.Progress)
+def _progress(message: protocol.Progress, frames, ticket, dispatcher) -> dict:
+    progress = imagegen_pb2.Progress(
+        step=message.step,
+        total_steps=message.total_steps,
+        elapsed_seconds=message.elapsed_seconds,
+    )
+    return {"progress": progress}
+
+
+@_generate_event.register(protocol.Preview)
+def _preview(message: protocol.Preview, frames, ticket, dispatcher) -> dict:
+    image = common_pb2.Image(
+        data=frames[0], mime_type=message.mime_type, width=message.width, height=message.height
+    )
+    preview = imagegen_pb2.Preview(step=message.step, image_index=message.image_index, image=image)
+    return {"preview": preview}
+
+
+@_generate_event.register(protocol.ImageResult)
+def _image_result(message: protocol.ImageResult, frames, ticket, dispatcher: Dispatcher) -> dict:
+    images = [
+        imagegen_pb2.GeneratedImage(
+            image=common_pb2.Image(
+                data=data, mime_type=meta.mime_type, width=meta.width, height=meta.height
+            ),
+            seed=meta.seed,
+            nsfw_detected=meta.nsfw_detected,
+            replaced=meta.replaced,
+        )
+        for meta, data in zip(message.images, frames, strict=True)
+    ]
+    result = imagegen_pb2.Result(
+        images=images,
+        info=dispatcher.info(ticket, message.inference_seconds),
+        warnings=message.warnings,
+    )
+    return {"result": result}
 
 
 def _arrays(result: protocol.ArraysResult, frames: list[bytes]) -> dict[str, np.ndarray]:
