@@ -86,20 +86,31 @@ class TextSettings(msgspec.Struct, frozen=True):
     seed: int
 
 
-def _text_batch_key(settings: TextSettings, adapter: str) -> tuple | None:
-    if settings.do_sample:
-        return None
-    # One model call runs with one adapter (or none) active.
-    return ("text", msgspec.structs.replace(settings, seed=0), adapter)
+class _TextJob:
+    """What caption and VQA jobs share: their ``settings`` and ``adapter``
+    decide how they batch and what they cost."""
+
+    __slots__ = ()
+    settings: TextSettings
+    adapter: str
+
+    def batch_key(self) -> tuple | None:
+        if self.settings.do_sample:
+            return None
+        # One model call runs with one adapter (or none) active.
+        return ("text", msgspec.structs.replace(self.settings, seed=0), self.adapter)
+
+    def weight(self) -> int:
+        return 1
+
+    def cost(self) -> Cost:
+        settings = self.settings
+        width = max(settings.num_beams, settings.num_return_sequences)
+        summary = f"{settings.max_new_tokens} new tokens x {width} sequences"
+        return Cost(settings.max_new_tokens + 1, width, summary=summary)
 
 
-def _text_cost(settings: TextSettings) -> Cost:
-    width = max(settings.num_beams, settings.num_return_sequences)
-    summary = f"{settings.max_new_tokens} new tokens x {width} sequences"
-    return Cost(settings.max_new_tokens + 1, width, summary=summary)
-
-
-class CaptionJob(msgspec.Struct, tag="caption", frozen=True):
+class CaptionJob(_TextJob, msgspec.Struct, tag="caption", frozen=True):
     """Caption one image (frame 0), optionally continuing ``prefix``."""
 
     prefix: str
@@ -111,17 +122,8 @@ class CaptionJob(msgspec.Struct, tag="caption", frozen=True):
     def texts(self) -> tuple[str, ...]:
         return (self.prefix,)
 
-    def batch_key(self) -> tuple | None:
-        return _text_batch_key(self.settings, self.adapter)
 
-    def weight(self) -> int:
-        return 1
-
-    def cost(self) -> Cost:
-        return _text_cost(self.settings)
-
-
-class VqaJob(msgspec.Struct, tag="vqa", frozen=True):
+class VqaJob(_TextJob, msgspec.Struct, tag="vqa", frozen=True):
     """Answer ``question`` about one image (frame 0)."""
 
     question: str
@@ -132,15 +134,6 @@ class VqaJob(msgspec.Struct, tag="vqa", frozen=True):
     @property
     def texts(self) -> tuple[str, ...]:
         return (self.question,)
-
-    def batch_key(self) -> tuple | None:
-        return _text_batch_key(self.settings, self.adapter)
-
-    def weight(self) -> int:
-        return 1
-
-    def cost(self) -> Cost:
-        return _text_cost(self.settings)
 
 
 # ---------------------------------------------------------------- image jobs
