@@ -10,7 +10,8 @@ Prometheus text on its own port.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,6 +21,8 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+
+from imago.workers.contract.protocol import ImageResult, Progress, TextResult
 
 if TYPE_CHECKING:
     from imago.workers.contract.protocol import Heartbeat
@@ -31,6 +34,12 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 #: Buckets for batch sizes, in requests or images.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+#: What each kind of request event adds to which counter of :class:`Metrics`.
+EVENT_COUNTS: dict[type, tuple[str, Callable[[Any], float]]] = {
+    Progress: ("denoise_steps", lambda event: 1),
+    ImageResult: ("images_generated", lambda event: len(event.images)),
+    TextResult: ("tokens_generated", lambda event: event.tokens),
+}
 
 
 class Metrics:
@@ -129,6 +138,19 @@ class Metrics:
         self.batch_size.labels(model).observe(size)
         for seconds in queue_seconds:
             self.queue_duration.labels(model).observe(seconds)
+
+    def request_event(
+        self, model: str, event: object, first_preview_after: float | None = None
+    ) -> None:
+        """One event of a request of ``model`` from its worker: denoising
+        steps, images and tokens are counted; ``first_preview_after`` is set
+        (seconds since the request arrived) on its first preview."""
+        counted = EVENT_COUNTS.get(type(event))
+        if counted is not None:
+            counter, amount = counted
+            getattr(self, counter).labels(model).inc(amount(event))
+        if first_preview_after is not None:
+            self.first_preview.labels(model).observe(first_preview_after)
 
     def worker_memory_reported(self, worker: str, device: str, heartbeat: Heartbeat) -> None:
         """A worker's latest memory figures. For cpu workers the device

@@ -23,7 +23,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from imago.server.devices import cpu_threads
 from imago.server.metrics import Metrics
 from imago.server.scheduler import Scheduler, Ticket
 from imago.server.supervisor import Supervisor
+from imago.server.worker_handle import WorkerHandle
 from imago.workers.contract.logs import current_format
 from imago.workers.contract.protocol import (
     AdaptersReloaded,
@@ -42,7 +42,6 @@ from imago.workers.contract.protocol import (
     Cancel,
     Failed,
     Heartbeat,
-    ImageResult,
     LoadFailed,
     ModelInfo,
     Outcome,
@@ -52,7 +51,6 @@ from imago.workers.contract.protocol import (
     ReloadAdapters,
     RunBatch,
     Shutdown,
-    TextResult,
     encode,
     from_worker_decoder,
 )
@@ -67,56 +65,6 @@ SHUTDOWN_GRACE_S = 5.0
 
 class StartupError(RuntimeError):
     """A worker could not load its models; the message says which and why."""
-
-
-@dataclass(eq=False)
-class WorkerHandle:
-    worker_id: str
-    device: str
-    process: BaseProcess
-    models: dict[str, ModelInfo] = field(default_factory=dict)
-    state: str = "starting"  # starting | idle | busy | dead
-    running: dict[str, Ticket] = field(default_factory=dict)
-    # Model and id of the batch it is running, while busy.
-    batch_model: str | None = None
-    batch_id: int = 0
-    # When it last became idle: the longest-idle worker gets the next batch.
-    idle_since: float = 0.0
-    # Monotonic times: its process started, it last became ready (None while
-    # it is not), its last message arrived, its current batch was handed over.
-    spawned_at: float = field(default_factory=time.monotonic)
-    ready_at: float | None = None
-    heard_at: float = field(default_factory=time.monotonic)
-    batch_at: float = 0.0
-    # Whether it ever loaded its models: only such a worker is restarted.
-    was_ready: bool = False
-    # Deaths in a row (for the restart back-off), restarts so far.
-    deaths: int = 0
-    restarts: int = 0
-    # Why loading failed, when the worker said so before it exited.
-    load_error: str = ""
-    # Running requests that have had a preview already.
-    previewed: set[str] = field(default_factory=set)
-    # The current batch's first and last progress reports, as (step, elapsed
-    # seconds): its time per step, without what comes before and after them.
-    first_progress: tuple[int, float] | None = None
-    last_progress: tuple[int, float] | None = None
-
-    def step_seconds(self) -> float | None:
-        """Seconds per step of the current batch, None without two steps reported."""
-        if self.first_progress is None or self.last_progress is None:
-            return None
-        (step0, at0), (step1, at1) = self.first_progress, self.last_progress
-        return (at1 - at0) / (step1 - step0) if step1 > step0 else None
-
-    @property
-    def live(self) -> bool:
-        """Loaded and not dead: it holds its models and takes batches."""
-        return self.state in ("idle", "busy")
-
-    @property
-    def identity(self) -> bytes:
-        return self.worker_id.encode()
 
 
 class WorkerPool:
@@ -146,6 +94,15 @@ class WorkerPool:
         self._workers: dict[str, WorkerHandle] = {}
         self._tasks: list[asyncio.Task] = []
         self._startup: asyncio.Future[None] | None = None
+        # What each message about a worker itself (not about one of its
+        # requests) does; request events go to their tickets.
+        self._lifecycle: dict[type, Callable] = {
+            Ready: self._ready,
+            LoadFailed: self._load_failed,
+            Heartbeat: self._heartbeat,
+            AdaptersReloaded: self._adapters_reloaded,
+            BatchDone: self._batch_done,
+        }
         self._dir = Path(tempfile.mkdtemp(prefix="imago-"))
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
@@ -348,82 +305,85 @@ class WorkerPool:
                 log.exception("could not handle a message from %s", worker.worker_id)
 
     def _handle(self, worker: WorkerHandle, message, frames: list[bytes]) -> None:
-        if isinstance(message, Ready):
-            if message.pid != worker.process.pid or worker.state != "starting":
-                return  # from a process that has been replaced since
-            worker.models = {info.name: info for info in message.models}
-            worker.state = "idle"
-            worker.idle_since = worker.ready_at = time.monotonic()
-            worker.was_ready = True
-            log.info("%s ready on %s (pid %d)", worker.worker_id, worker.device, message.pid)
-            for name, info in worker.models.items():
-                if info.adapters:
-                    log.info("%s loaded adapters for %s: %s", worker.worker_id, name, info.adapters)
-            if self._metrics is not None:
-                self._metrics.worker_up.labels(worker.worker_id, worker.device).set(1)
-            if self._startup and not self._startup.done():
-                if all(w.state != "starting" for w in self._workers.values()):
-                    self._startup.set_result(None)
-            self._on_change()
-            self._scheduler.dispatch()
-        elif isinstance(message, LoadFailed):
-            # The process exits next; the supervisor then handles it as dead.
-            worker.load_error = message.message
-            if not worker.was_ready and self._startup and not self._startup.done():
-                self._startup.set_exception(StartupError(message.message))
+        if isinstance(message, Ready | LoadFailed):
+            self._lifecycle[type(message)](worker, message)
         elif not worker.live:
             return  # left over from a process that has died since
-        elif isinstance(message, Heartbeat):
-            if self._metrics is not None:
-                self._metrics.worker_memory_reported(worker.worker_id, worker.device, message)
-        elif isinstance(message, AdaptersReloaded):
-            worker.models = {info.name: info for info in message.models}
-            if message.error:
-                log.error("%s could not reload adapters: %s", worker.worker_id, message.error)
-            else:
-                adapters = {name: info.adapters for name, info in worker.models.items()}
-                log.info("%s reloaded adapters: %s", worker.worker_id, adapters)
-        elif isinstance(message, BatchDone):
-            model, worker.batch_model = worker.batch_model, None
-            if worker.state == "busy":
-                worker.state = "idle"
-                worker.idle_since = time.monotonic()
-            if model is not None:
-                if self._metrics is not None:
-                    seconds = message.seconds or worker.idle_since - worker.batch_at
-                    self._metrics.inference_duration.labels(model).observe(seconds)
-                self._scheduler.batch_done(
-                    model, message.batch_id, message.seconds, worker.step_seconds()
-                )
-            else:
-                self._scheduler.dispatch()
+        elif (handler := self._lifecycle.get(type(message))) is not None:
+            handler(worker, message)
         else:
-            ticket = worker.running.get(message.request_id)
-            if ticket is None:
-                return
-            if isinstance(message, Progress):
-                mark = (message.step, message.elapsed_seconds)
-                worker.first_progress = worker.first_progress or mark
-                worker.last_progress = mark
-            if self._metrics is not None:
-                self._record(worker, ticket, message)
-            if isinstance(message, Outcome):
-                del worker.running[message.request_id]
-                worker.previewed.discard(message.request_id)
-                self._scheduler.left_worker(ticket)
-            ticket.deliver(message, frames)
+            self._request_event(worker, message, frames)
 
-    def _record(self, worker: WorkerHandle, ticket: Ticket, message) -> None:
-        """Count what a request's event says in the metrics."""
-        metrics, model = self._metrics, ticket.model
+    def _ready(self, worker: WorkerHandle, message: Ready) -> None:
+        if message.pid != worker.process.pid or worker.state != "starting":
+            return  # from a process that has been replaced since
+        worker.models = {info.name: info for info in message.models}
+        worker.state = "idle"
+        worker.idle_since = worker.ready_at = time.monotonic()
+        worker.was_ready = True
+        log.info("%s ready on %s (pid %d)", worker.worker_id, worker.device, message.pid)
+        for name, info in worker.models.items():
+            if info.adapters:
+                log.info("%s loaded adapters for %s: %s", worker.worker_id, name, info.adapters)
+        if self._metrics is not None:
+            self._metrics.worker_up.labels(worker.worker_id, worker.device).set(1)
+        if self._startup and not self._startup.done():
+            if all(w.state != "starting" for w in self._workers.values()):
+                self._startup.set_result(None)
+        self._on_change()
+        self._scheduler.dispatch()
+
+    def _load_failed(self, worker: WorkerHandle, message: LoadFailed) -> None:
+        # The process exits next; the supervisor then handles it as dead.
+        worker.load_error = message.message
+        if not worker.was_ready and self._startup and not self._startup.done():
+            self._startup.set_exception(StartupError(message.message))
+
+    def _heartbeat(self, worker: WorkerHandle, message: Heartbeat) -> None:
+        if self._metrics is not None:
+            self._metrics.worker_memory_reported(worker.worker_id, worker.device, message)
+
+    def _adapters_reloaded(self, worker: WorkerHandle, message: AdaptersReloaded) -> None:
+        worker.models = {info.name: info for info in message.models}
+        if message.error:
+            log.error("%s could not reload adapters: %s", worker.worker_id, message.error)
+        else:
+            adapters = {name: info.adapters for name, info in worker.models.items()}
+            log.info("%s reloaded adapters: %s", worker.worker_id, adapters)
+
+    def _batch_done(self, worker: WorkerHandle, message: BatchDone) -> None:
+        model, worker.batch_model = worker.batch_model, None
+        if worker.state == "busy":
+            worker.state = "idle"
+            worker.idle_since = time.monotonic()
+        if model is None:
+            self._scheduler.dispatch()
+            return
+        if self._metrics is not None:
+            seconds = message.seconds or worker.idle_since - worker.batch_at
+            self._metrics.inference_duration.labels(model).observe(seconds)
+        self._scheduler.batch_done(model, message.batch_id, message.seconds, worker.step_seconds())
+
+    def _request_event(self, worker: WorkerHandle, message, frames: list[bytes]) -> None:
+        """Hand one request's event (Started, Progress, Preview or an outcome)
+        to its ticket, counting it in the metrics on the way."""
+        ticket = worker.running.get(message.request_id)
+        if ticket is None:
+            return
         if isinstance(message, Progress):
-            metrics.denoise_steps.labels(model).inc()
-        elif isinstance(message, Preview):
-            if ticket.request_id not in worker.previewed:
+            mark = (message.step, message.elapsed_seconds)
+            worker.first_progress = worker.first_progress or mark
+            worker.last_progress = mark
+        if self._metrics is not None:
+            first_preview = (
+                isinstance(message, Preview) and ticket.request_id not in worker.previewed
+            )
+            if first_preview:
                 worker.previewed.add(ticket.request_id)
-                seconds = time.monotonic() - ticket.enqueued_at
-                metrics.first_preview.labels(model).observe(seconds)
-        elif isinstance(message, ImageResult):
-            metrics.images_generated.labels(model).inc(len(message.images))
-        elif isinstance(message, TextResult):
-            metrics.tokens_generated.labels(model).inc(message.tokens)
+            waited = time.monotonic() - ticket.enqueued_at if first_preview else None
+            self._metrics.request_event(ticket.model, message, first_preview_after=waited)
+        if isinstance(message, Outcome):
+            del worker.running[message.request_id]
+            worker.previewed.discard(message.request_id)
+            self._scheduler.left_worker(ticket)
+        ticket.deliver(message, frames)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 from imago.server.config import DEFAULT_WATCHDOG_S
 
 if TYPE_CHECKING:
-    from imago.server.pool import WorkerHandle
+    from imago.server.worker_handle import WorkerHandle
 
 log = logging.getLogger("imago.pool")
 
