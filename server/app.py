@@ -8,8 +8,8 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from imago.server import reflection
 from imago.server.admission import Admission, ModelLimits
 from imago.server.config import ResolvedConfig
 from imago.server.costs import StepTimes
@@ -131,7 +131,7 @@ def build_server(
     align_pb2_grpc.add_AlignServiceServicer_to_server(AlignServicer(dispatcher), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_status.servicer, server)
     names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-    reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+    reflection.enable(names, server)
     return server, pool, health_status
 
 

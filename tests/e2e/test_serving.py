@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -59,6 +63,27 @@ def test_reflection_lists_every_service(channel):
     reply = next(stub.ServerReflectionInfo(iter([request]), timeout=5))
     names = {s.name for s in reply.list_services_response.service}
     assert set(SERVICES) | {"grpc.health.v1.Health"} <= names
+
+
+def test_reflection_v1_describes_every_service_to_buf_curl(server):
+    # Current grpcurl and buf curl ask for grpc.reflection.v1 first; listing
+    # methods makes buf fetch each service's file descriptor through it.
+    buf = shutil.which("buf") or str(Path(sys.executable).with_name("buf"))
+    listed = subprocess.run(
+        [buf, "curl", "--list-methods", "--reflect-protocol", "grpc-v1", "--protocol", "grpc",
+         "--http2-prior-knowledge", f"http://{server.target}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    methods = set(listed.stdout.split())
+    assert {
+        "imago.v1.CaptionService/Caption",
+        "imago.v1.VqaService/Ask",
+        "imago.v1.ImageGenService/Generate",
+        "imago.v1.AlignService/Match",
+        "grpc.health.v1.Health/Check",
+        "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    } <= methods
 
 
 def test_caption_returns_text_model_and_timings(channel):
