@@ -43,6 +43,11 @@ def test_parameters_of_image_to_image_name_the_strength_and_skip_an_empty_negati
     assert "Negative prompt" not in text
 
 
+def test_parameters_name_the_loras_in_the_prompt_line_as_other_tools_do():
+    text = parameters_text(job(loras=(("ink", 0.8), ("paper", 1.0))), 3, "sd", "DDIM")
+    assert text.splitlines()[0] == "a red fox <lora:ink:0.8> <lora:paper:1>"
+
+
 @pytest.fixture(scope="module")
 def client(server):
     with ImagoClient(server.target, timeout=120) as imago:

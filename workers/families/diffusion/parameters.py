@@ -3,7 +3,8 @@
 They are written as one text chunk named ``parameters`` in the layout
 AUTOMATIC1111's web UI writes and that image browsers, ComfyUI loaders and
 model-sharing sites read back: the prompt, an optional ``Negative prompt:``
-line, then comma-separated ``key: value`` settings.
+line, then comma-separated ``key: value`` settings. LoRA adapters are
+named in the prompt line as ``<lora:NAME:WEIGHT>``, as those tools write them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ SAMPLER_LABELS: dict[str, str] = {
 def parameters_text(job: TextToImageJob, seed: int, model: str, sampler: str) -> str:
     """The ``parameters`` text of the image made with ``seed`` by ``job`` on
     ``model``; ``sampler`` labels the scheduler that ran."""
-    lines = [job.prompt]
+    loras = " ".join(f"<lora:{name}:{weight:g}>" for name, weight in job.params.loras)
+    lines = [f"{job.prompt} {loras}" if loras else job.prompt]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
     params = job.params
