@@ -23,6 +23,9 @@ from dataclasses import dataclass
 #: Target schemes gRPC resolves itself; such targets are passed on unchanged.
 GRPC_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
 
+#: The port of a target that names none: imago's, not gRPC's own default (443).
+DEFAULT_PORT = 50051
+
 #: Channel options every client channel gets: calls go to each ready address in turn.
 ROUND_ROBIN: tuple[tuple[str, str], ...] = (("grpc.lb_policy_name", "round_robin"),)
 
@@ -49,8 +52,9 @@ def channel_target(targets: str | Sequence[str]) -> ChannelTarget:
 
     ``targets`` is a gRPC target (``host:port``, ``dns:///name:port``,
     ``ipv4:a:p,b:p`` …), a comma-separated list of ``HOST:PORT``, or a
-    sequence of them. A single target is used as it is: gRPC resolves a name
-    to all its addresses. Several are resolved now (a host's IPv4 addresses
+    sequence of them. A single target is used as it is (with
+    :data:`DEFAULT_PORT` when it names a host only): gRPC resolves a name to
+    all its addresses. Several are resolved now (a host's IPv4 addresses
     when it has any, else its IPv6 ones) and joined into one address list;
     TLS then checks every server's certificate against the first target's
     host. ValueError names a malformed or unresolvable entry, or a list that
@@ -64,7 +68,7 @@ def channel_target(targets: str | Sequence[str]) -> ChannelTarget:
     if not entries or any(not entry for entry in entries):
         raise ValueError(f"targets must be HOST:PORT entries, got {','.join(entries)!r}")
     if len(entries) == 1:
-        return ChannelTarget(entries[0])
+        return ChannelTarget(_with_port(entries[0]))
     hosts = [_split_host_port(entry) for entry in entries]
     families: set[int] = set()
     addresses: list[str] = []
@@ -84,6 +88,18 @@ def channel_target(targets: str | Sequence[str]) -> ChannelTarget:
 
 def _has_scheme(target: str) -> bool:
     return target.split(":", 1)[0] in GRPC_SCHEMES and ":" in target
+
+
+def _with_port(entry: str) -> str:
+    """``entry`` with :data:`DEFAULT_PORT` when it names a host only: a name,
+    an IPv4 address, or an IPv6 address with or without brackets."""
+    if entry.startswith("[") and entry.endswith("]"):
+        return f"{entry}:{DEFAULT_PORT}"
+    if ":" not in entry:
+        return f"{entry}:{DEFAULT_PORT}"
+    if _is_address(entry):  # a bare IPv6 address: its colons are not a port
+        return f"[{entry}]:{DEFAULT_PORT}"
+    return entry
 
 
 def _split_host_port(entry: str) -> tuple[str, int]:

@@ -62,6 +62,20 @@ def test_every_channel_asks_for_round_robin():
 
 
 @pytest.mark.parametrize(
+    ("target", "uri"),
+    [
+        ("localhost", "localhost:50051"),
+        ("10.0.0.7", "10.0.0.7:50051"),
+        ("[::1]", "[::1]:50051"),
+        ("::1", "[::1]:50051"),
+        ("localhost:7000", "localhost:7000"),
+    ],
+)
+def test_a_single_target_without_a_port_gets_imagos_port_not_grpcs_443(target, uri):
+    assert channel_target(target).uri == uri
+
+
+@pytest.mark.parametrize(
     ("targets", "named"),
     [
         ("127.0.0.1:5001,", "127.0.0.1:5001,"),
