@@ -70,21 +70,37 @@ def _add_adapter_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: Commands that talk to a server: they take --target, --timeout and the
+#: connection options after the command name as well as before it.
+CLIENT_COMMANDS = ("caption", "ask", "generate", "health", "rank", "bench", "soak")
+
+
+def add_target_options(parser: argparse.ArgumentParser, *, repeated: bool = False) -> None:
+    """Adds --target and --timeout to the top-level parser, or with
+    ``repeated`` to a client command's (see :func:`add_connection_options`)."""
+    target_default = os.environ.get("IMAGO_TARGET") or DEFAULT_TARGET
+    parser.add_argument(
+        "--target",
+        default=argparse.SUPPRESS if repeated else target_default,
+        metavar="HOST:PORT",
+        help="server to talk to; a comma-separated list, or a DNS name with several "
+        f"addresses, spreads calls over them (default: $IMAGO_TARGET, else {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS if repeated else None,
+        metavar="SECONDS",
+        help="deadline of each call (default: none)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``imago`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="imago", description="gRPC model server for BLIP-2 and Stable Diffusion."
     )
-    parser.add_argument(
-        "--target",
-        default=os.environ.get("IMAGO_TARGET") or DEFAULT_TARGET,
-        metavar="HOST:PORT",
-        help="server to talk to; a comma-separated list, or a DNS name with several "
-        "addresses, spreads calls over them (default: $IMAGO_TARGET, else %(default)s)",
-    )
-    parser.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help="deadline of each call (default: none)"
-    )
+    add_target_options(parser)
     add_connection_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -135,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_bench_parser(sub)
     add_soak_parser(sub)
     add_finetune_parser(sub)
+    for name in CLIENT_COMMANDS:
+        add_target_options(sub.choices[name], repeated=True)
+        add_connection_options(sub.choices[name], repeated=True)
     return parser
 
 

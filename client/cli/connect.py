@@ -19,27 +19,43 @@ from imago.client.cli.localfiles import InputError, read
 TOKEN_FILE_ENV = "IMAGO_TOKEN_FILE"
 
 
-def add_connection_options(parser: argparse.ArgumentParser) -> None:
-    """Adds the TLS and token options to the top-level ``imago`` parser."""
+def add_connection_options(parser: argparse.ArgumentParser, *, repeated: bool = False) -> None:
+    """Adds the TLS and token options to the top-level ``imago`` parser, or
+    with ``repeated`` to a client command's, where they may come after the
+    command name too (there they default to nothing, so that a value given
+    before the command stands unless repeated after it)."""
     group = parser.add_argument_group("connection security (client commands)")
+    unset = {"default": argparse.SUPPRESS} if repeated else {}
     add = group.add_argument
-    add("--tls", action="store_true", help="connect with TLS (implied by --tls-ca, --tls-cert)")
-    add("--tls-ca", type=Path, metavar="PEM", help="CA certificates to trust (default: system's)")
+    add(
+        "--tls",
+        action="store_true",
+        help="connect with TLS (implied by --tls-ca, --tls-cert)",
+        **unset,
+    )
+    add(
+        "--tls-ca",
+        type=Path,
+        metavar="PEM",
+        help="CA certificates to trust (default: system's)",
+        **unset,
+    )
     add(
         "--tls-cert",
         dest="client_cert",
         type=Path,
         metavar="PEM",
         help="client certificate, for servers requiring mutual TLS (with --tls-key)",
+        **unset,
     )
-    add("--tls-key", dest="client_key", type=Path, metavar="PEM", help="its private key")
+    add("--tls-key", dest="client_key", type=Path, metavar="PEM", help="its private key", **unset)
     token_file = os.environ.get(TOKEN_FILE_ENV)
     add(
         "--token-file",
         type=Path,
-        default=Path(token_file) if token_file else None,
         metavar="FILE",
         help=f"send the bearer token this file holds (default: ${TOKEN_FILE_ENV})",
+        **(unset or {"default": Path(token_file) if token_file else None}),
     )
 
 

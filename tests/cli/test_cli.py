@@ -113,3 +113,27 @@ def test_bad_input_exits_1_with_the_field_named(server):
 def test_health_waits_for_serving(server):
     result = imago(server, "health", "imago.v1.ImageGenService", "--wait", "5")
     assert (result.returncode, result.stdout.strip()) == (0, "SERVING")
+
+
+def test_connection_options_may_follow_the_command(server, tmp_path):
+    image = write_image(tmp_path / "a.png")
+    result = subprocess.run(
+        [IMAGO, "caption", str(image), "--target", server.target, "--timeout", "120"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(str(image))
+
+
+def test_a_connection_option_after_the_command_wins_over_one_before_it(server):
+    unreachable = "127.0.0.1:1"
+    result = subprocess.run(
+        [IMAGO, "--target", unreachable, "health", "--target", server.target],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SERVING" in result.stdout
