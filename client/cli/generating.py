@@ -176,6 +176,13 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.mask is not None and args.init is None:
         print("error: --mask needs --init IMG, the image to repaint", file=sys.stderr)
         return 2
+    if args.output.suffix and args.output.suffix.lower() not in _SUFFIX_FORMATS:
+        print(
+            f"error: -o {args.output}: images are written as png, jpeg or webp; "
+            f"name the file {', '.join(sorted(_SUFFIX_FORMATS))} (or leave the suffix out)",
+            file=sys.stderr,
+        )
+        return 2
     edit = edit_task(args)
     fmt = output_format(args.output, args.format)
     with local("create", args.output.parent):

@@ -335,6 +335,15 @@ def test_unreadable_input_exits_2_without_contacting_a_server(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_an_output_suffix_no_image_format_uses_is_refused_before_connecting(tmp_path, capsys):
+    output = tmp_path / "fox.gif"
+    target = f"127.0.0.1:{closed_port()}"
+    assert main(["--target", target, "generate", "a fox", "-o", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: -o {output}: images are written as png, jpeg or webp")
+    assert not output.exists()
+
+
 def test_unreachable_server_is_reported_clearly(tmp_path, capsys):
     target = f"127.0.0.1:{closed_port()}"
     assert main(["--target", target, "--timeout", "10", "health"]) == 1
