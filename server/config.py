@@ -93,7 +93,8 @@ class ServeConfig:
     # restarted. Later entries win.
     watchdog_s: tuple[str, ...] = ()
     # "[MODEL=]N" entries: most pixels (width x height x images) a request or
-    # batch of a Stable Diffusion model may have; default by device.
+    # batch of an image model (one whose family answers the ImageGenService) may
+    # have; default by device.
     max_pixels: tuple[str, ...] = ()
     # "[MODEL=]W" entries: each model's share of the workers it shares with
     # other models, relative to the others' (1 when unnamed).
@@ -156,7 +157,7 @@ class ResolvedConfig:
     # Seconds a busy worker may report nothing on each model's batch.
     watchdogs: Mapping[str, float]
     # Most pixels (width x height x images) a request or batch may have, for
-    # each Stable Diffusion model; the default suits ``devices``.
+    # each image model; the default suits ``devices``.
     pixel_limits: Mapping[str, int]
     # Each model's weight in the fair share of a worker it shares (1 unless given).
     weights: Mapping[str, float]
